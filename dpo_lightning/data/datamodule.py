@@ -1,0 +1,196 @@
+"""``PreferenceDataModule``: files or hub datasets in, tokenized preference batches out.
+
+    dm = PreferenceDataModule("pairs.jsonl", tokenizer="gpt2", val_fraction=0.1, batch_size=8)
+
+Rows are normalized and checked (``formats.py``), tokenized TRL's way and truncated (``tokenize.py``),
+cached on disk under a key of (data, tokenizer, chat template, truncation settings) and collated into the
+batch contract of ``collate.py``. Dropped rows are counted by reason and reported once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from dpo_lightning.data.collate import PreferenceCollator, UnpairedCollator
+from dpo_lightning.data.formats import DataError, load_records, normalize, pairs_to_unpaired
+from dpo_lightning.data.tokenize import TruncationConfig, tokenize_records
+
+CACHE_VERSION = "1"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything about the tokenizer that changes token ids."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(repr((tokenizer.chat_template, tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token)).encode())
+    return h.hexdigest()
+
+
+def _tokenize_batch(batch: dict[str, list], indices: list[int], tokenizer, cfg: TruncationConfig) -> dict[str, list]:
+    records = [json.loads(r) for r in batch["row"]]
+    out: dict[str, list] = {k: [] for k in ("index", "prompt_ids", "a_ids", "b_ids", "label", "drop")}
+    for i, rec in zip(indices, records):
+        rows, dropped = tokenize_records([rec], tokenizer, cfg)
+        r = rows[0] if rows else {}
+        out["index"].append(i)
+        out["prompt_ids"].append(r.get("prompt_ids", []))
+        out["a_ids"].append(r.get("chosen_ids", r.get("completion_ids", [])))
+        out["b_ids"].append(r.get("rejected_ids", []))
+        out["label"].append(bool(r.get("label", rec.get("label", False))))
+        out["drop"].append(next(iter(dropped), ""))
+    return out
+
+
+def tokenize_cached(records: list[dict], tokenizer, cfg: TruncationConfig, *, num_proc: int = 1,
+                    cache_dir: str | Path | None = None) -> tuple[list[dict], Counter]:
+    """Tokenize (in ``num_proc`` processes) with an on-disk cache; returns (rows, dropped by reason)."""
+    import datasets
+
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, records, tokenizer_fingerprint(tokenizer), cfg.__dict__],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:20]
+    root = Path(cache_dir) if cache_dir else Path(os.environ.get(
+        "DPO_LIGHTNING_CACHE", Path.home() / ".cache" / "dpo_lightning")) / "tokenized"
+    path = root / key
+    if not (path / "dropped.json").exists():
+        ds = datasets.Dataset.from_dict({"row": [json.dumps(r) for r in records]})
+        ds = ds.map(_tokenize_batch, batched=True, with_indices=True, num_proc=num_proc if num_proc > 1 else None,
+                    fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, remove_columns=["row"],
+                    desc="Tokenizing", load_from_cache_file=False)
+        dropped = Counter(d for d in ds["drop"] if d)
+        ds = ds.filter(lambda d: not d, input_columns="drop")
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        ds.save_to_disk(str(tmp / "data"))
+        (tmp / "dropped.json").write_text(json.dumps(dropped))
+        try:
+            tmp.rename(path)
+        except OSError:  # a concurrent run wrote the same key
+            shutil.rmtree(tmp, ignore_errors=True)
+    ds = datasets.load_from_disk(str(path / "data"))
+    dropped = Counter(json.loads((path / "dropped.json").read_text()))
+    paired = "chosen" in records[0]
+    rows = []
+    for r in ds.to_list():
+        row = {"index": r["index"], "prompt_ids": r["prompt_ids"]}
+        if paired:
+            row["chosen_ids"], row["rejected_ids"] = r["a_ids"], r["b_ids"]
+        else:
+            row["completion_ids"], row["label"] = r["a_ids"], r["label"]
+        rows.append(row)
+    return rows, dropped
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Tokenized preference pairs (or unpaired KTO rows) for any Lightning trainer.
+
+    Args:
+        path: JSONL/JSON/Parquet/CSV file, saved ``datasets`` folder, or hub dataset id.
+        tokenizer: a tokenizer, or a hub id / path / ``ModelSpec`` to load it from.
+        val_path: held-out data; otherwise ``val_fraction`` of ``path`` is held out (seeded).
+        batch_size: pairs per device step; ``eval_batch_size`` defaults to it.
+        paired: False turns pairs into (prompt, completion, label) rows for unpaired losses (KTO);
+            None keeps the data's own kind.
+        kl_pairs: add TRL KTO's mismatched (prompt i, completion i-1) rows to unpaired batches.
+    """
+
+    def __init__(self, path: str, tokenizer: Any, *, val_path: str | None = None, val_fraction: float = 0.0,
+                 split: str = "train", val_split: str = "test", batch_size: int = 8,
+                 eval_batch_size: int | None = None, max_length: int | None = 512,
+                 max_prompt_length: int | None = None, truncation_mode: str = "keep_start",
+                 paired: bool | None = None, kl_pairs: bool = False, num_proc: int = 1, num_workers: int = 0,
+                 cache_dir: str | None = None, seed: int = 42, pad_to_multiple_of: int | None = None):
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size}: must be at least 1")
+        self.path, self.val_path, self.val_fraction = path, val_path, val_fraction
+        self.split, self.val_split = split, val_split
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.truncation = TruncationConfig(max_length, max_prompt_length, truncation_mode)
+        self.paired, self.kl_pairs = paired, kl_pairs
+        self.num_proc, self.num_workers, self.cache_dir, self.seed = num_proc, num_workers, cache_dir, seed
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self._tokenizer = tokenizer
+        self.train_rows: list[dict] | None = None
+        self.val_rows: list[dict] = []
+        self.dropped: Counter = Counter()
+
+    @property
+    def tokenizer(self):
+        from dpo_lightning.models.hf import ModelSpec, load_tokenizer
+
+        if isinstance(self._tokenizer, (str, Path, ModelSpec)):
+            spec = self._tokenizer if isinstance(self._tokenizer, ModelSpec) else ModelSpec(str(self._tokenizer))
+            self._tokenizer = load_tokenizer(spec)
+        return self._tokenizer
+
+    def _records(self, source: str, split: str) -> list[dict]:
+        records = normalize(load_records(source, split), where=str(source))
+        is_paired = "chosen" in records[0]
+        if self.paired is True and not is_paired:
+            raise DataError(f"{source}: the loss needs paired rows (prompt/chosen/rejected); this file has "
+                            "unpaired rows (prompt/completion/label)")
+        if self.paired is False and is_paired:
+            records = pairs_to_unpaired(records)
+        return records
+
+    def _tokenize(self, records: list[dict], source: str) -> list[dict]:
+        rows, dropped = tokenize_cached(records, self.tokenizer, self.truncation, num_proc=self.num_proc,
+                                        cache_dir=self.cache_dir)
+        self.dropped.update(dropped)
+        if not rows:
+            raise DataError(f"{source}: no rows left after tokenization and truncation (dropped: {dict(dropped)}); "
+                            "raise data.max_length or lower data.max_prompt_length")
+        return rows
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_rows is not None:
+            return
+        records = self._records(self.path, self.split)
+        rows = self._tokenize(records, self.path)
+        if self.val_path:
+            self.train_rows = rows
+            self.val_rows = self._tokenize(self._records(self.val_path, self.val_split), self.val_path)
+        elif self.val_fraction > 0:
+            g = torch.Generator().manual_seed(self.seed)
+            order = torch.randperm(len(rows), generator=g).tolist()
+            n_val = max(1, int(round(self.val_fraction * len(rows))))
+            self.val_rows = [rows[i] for i in sorted(order[:n_val])]
+            self.train_rows = [rows[i] for i in sorted(order[n_val:])]
+        else:
+            self.train_rows = rows
+        if self.dropped:
+            print(f"[dpo_lightning] dropped rows by reason: {dict(self.dropped)}")
+
+    def collator(self):
+        pad = self.tokenizer.pad_token_id
+        if self.train_rows and "completion_ids" in self.train_rows[0]:
+            return UnpairedCollator(pad, self.pad_to_multiple_of, kl_pairs=self.kl_pairs)
+        return PreferenceCollator(pad, self.pad_to_multiple_of)
+
+    def _loader(self, rows: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=self.collator(),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_rows, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_rows, self.eval_batch_size, shuffle=False) if self.val_rows else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

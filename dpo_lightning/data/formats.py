@@ -1,0 +1,183 @@
+"""Read preference records from files, saved ``datasets`` folders or the hub, and normalize them.
+
+Three input shapes are accepted, each row checked:
+
+* explicit prompt      ``{"prompt": str, "chosen": str, "rejected": str}``
+* implicit prompt      ``{"chosen": str, "rejected": str}`` sharing the dialogue up to the last assistant
+                       turn (Anthropic HH-RLHF): the prompt is extracted (``extract_prompt``)
+* conversational       any of the fields above as lists of ``{"role", "content"}`` messages
+* unpaired (KTO)       ``{"prompt", "completion", "label": bool}``
+
+A structural problem (missing field, wrong type) raises ``DataError`` naming the file, row and field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ASSISTANT_MARKERS = ("\n\nAssistant:",)
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the source, the row (0-based) and the field."""
+
+
+def load_records(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a JSONL/JSON/Parquet/CSV file, a ``save_to_disk`` folder, or a hub dataset id."""
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        return _load_saved(path, split)
+    if path.suffix in (".gz",) and path.with_suffix("").suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix in FILE_FORMATS:
+        if not path.exists():
+            raise DataError(f"{path}: file not found")
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path)
+        if path.suffix == ".json":
+            return _read_json(path)
+        import datasets
+
+        return datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train").to_list()
+    if path.suffix or path.exists() or str(source).startswith((".", "/", "~")):
+        if not path.exists():
+            raise DataError(f"{source}: file not found")
+        raise DataError(f"{source}: unknown format {path.suffix!r}; use one of {sorted(FILE_FORMATS)} "
+                        "(or .jsonl.gz), a saved `datasets` folder, or a hub dataset id")
+    import datasets  # a hub id such as "trl-lib/ultrafeedback_binarized"
+
+    return datasets.load_dataset(str(source), split=split).to_list()
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: row {len(rows)} (line {i + 1}): invalid JSON: {err.msg}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: row {len(rows)} (line {i + 1}): expected a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a list of objects (or {{'data': [...]}})")
+    return data
+
+
+def _load_saved(path: Path, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: not a saved `datasets` folder ({err})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: split {split!r} not found; available: {sorted(ds)}")
+        ds = ds[split]
+    return ds.to_list()
+
+
+def is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def _check_field(row: dict, field: str, where: str, i: int) -> None:
+    if field not in row or row[field] is None:
+        raise DataError(f"{where}: row {i}: missing field {field!r} (row has {sorted(row)})")
+    value = row[field]
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and value:
+        for j, m in enumerate(value):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: row {i}: field {field!r}: message {j} must be "
+                                "{'role': str, 'content': str}")
+        return
+    raise DataError(f"{where}: row {i}: field {field!r}: expected a string or a list of messages, "
+                    f"got {type(value).__name__}")
+
+
+def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """Split an implicit-prompt pair into (prompt, chosen, rejected).
+
+    Conversational: the prompt is the longest common prefix of messages (as TRL's ``extract_prompt``).
+    Text: the prompt ends at the last assistant marker (``"\\n\\nAssistant:"``) inside the common prefix,
+    so answers that happen to start with the same words keep them. Without a marker we fall back to TRL's
+    rule (common character prefix, minus a trailing space). TRL 1.16 always uses the character rule, which
+    moves shared opening words such as " I" into the prompt; with HH-RLHF that changes which tokens are scored.
+    """
+    if isinstance(chosen, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    common = chosen[:n]
+    cut = max((common.rfind(m) + len(m) if m in common else -1) for m in ASSISTANT_MARKERS)
+    if cut < 0:
+        cut = n - 1 if n > 0 and n < len(chosen) and chosen[n - 1] == " " else n
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def normalize(rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """Check every row and return canonical records: paired (prompt/chosen/rejected) or unpaired
+    (prompt/completion/label). Structural errors raise ``DataError``; mixing the two kinds does too."""
+    if not rows:
+        raise DataError(f"{where}: the dataset is empty")
+    unpaired = "completion" in rows[0] and "label" in rows[0]
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: row {i}: expected a mapping, got {type(row).__name__}")
+        if unpaired:
+            for f in ("prompt", "completion"):
+                _check_field(row, f, where, i)
+            label = row.get("label")
+            if not isinstance(label, bool):
+                raise DataError(f"{where}: row {i}: field 'label': expected true/false, got {label!r}")
+            out.append({"prompt": row["prompt"], "completion": row["completion"], "label": label})
+            continue
+        for f in ("chosen", "rejected"):
+            _check_field(row, f, where, i)
+        if row.get("prompt") is not None:
+            _check_field(row, "prompt", where, i)
+            prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+            if is_messages(prompt) != is_messages(chosen):  # prompt text + full conversations: re-extract
+                prompt, chosen, rejected = extract_prompt(chosen, rejected)
+        else:
+            prompt, chosen, rejected = extract_prompt(row["chosen"], row["rejected"])
+        if isinstance(chosen, list) != isinstance(rejected, list):
+            raise DataError(f"{where}: row {i}: fields 'chosen' and 'rejected' must both be text or both messages")
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def pairs_to_unpaired(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Split paired rows into KTO-style rows: (prompt, chosen, True) and (prompt, rejected, False)."""
+    out = []
+    for r in records:
+        out.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+        out.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+    return out

@@ -1,0 +1,106 @@
+"""Tokenize normalized records the way TRL 1.16 does, then truncate.
+
+Text: EOS is appended to each completion; the prompt, prompt+chosen and prompt+rejected are tokenized and the
+completions start where the tokenized prompt and prompt+completion diverge (normally right after the prompt;
+TRL's ``common_prefix_length`` rule, which also handles tokens merging across the boundary).
+Conversational: the same with the tokenizer's chat template (prompt rendered with the generation prompt).
+
+Truncation (all lengths in tokens, applied per row so both completions keep one shared prompt):
+  * ``max_prompt_length``: a longer prompt keeps its first (keep_start) or last (keep_end) tokens;
+  * ``max_length``: keep_start cuts each completion so prompt + completion <= max_length (identical to
+    TRL 1.16's per-sequence ``[:max_length]``); keep_end drops the oldest prompt tokens so the longer
+    completion fits whole (TRL 1.16 supports keep_start only; its per-sequence keep_end would give the
+    two completions different prompts).
+Rows left without a prompt token or without a completion token are dropped and counted by reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class TruncationConfig:
+    max_length: int | None = 512
+    max_prompt_length: int | None = None
+    truncation_mode: str = "keep_start"
+
+    def __post_init__(self):
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(f"data.truncation_mode={self.truncation_mode!r}: use 'keep_start' or 'keep_end'")
+        for name in ("max_length", "max_prompt_length"):
+            v = getattr(self, name)
+            if v is not None and v < 2:
+                raise ValueError(f"data.{name}={v}: must be at least 2 (or null for no limit)")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _ids(tokenizer, value: Any, *, generation_prompt: bool = False) -> list[int]:
+    if isinstance(value, list):
+        out = tokenizer.apply_chat_template(value, tokenize=True, return_dict=True,
+                                            add_generation_prompt=generation_prompt)
+        return list(out["input_ids"])
+    return list(tokenizer(text=value)["input_ids"])
+
+
+def tokenize_completions(tokenizer, prompt: Any, completions: list[Any]) -> tuple[list[int], list[list[int]]]:
+    """(prompt_ids, [completion_ids...]) for one prompt and its completions (EOS appended to text)."""
+    eos = tokenizer.eos_token
+    if isinstance(prompt, str):
+        completions = [c if c.endswith(eos) else c + eos for c in completions]
+        full = [_ids(tokenizer, prompt + c) for c in completions]
+    else:
+        full = [_ids(tokenizer, prompt + c) for c in completions]
+    prompt_ids = _ids(tokenizer, prompt, generation_prompt=isinstance(prompt, list))
+    n = min(_common_prefix(prompt_ids, f) for f in full)
+    return prompt_ids[:n], [f[n:] for f in full]
+
+
+def truncate(prompt: list[int], completions: list[list[int]], cfg: TruncationConfig):
+    """Apply ``cfg`` to one row; returns (prompt, completions) or (None, reason) when the row is dropped."""
+    keep_end = cfg.truncation_mode == "keep_end"
+    if cfg.max_prompt_length is not None and len(prompt) > cfg.max_prompt_length:
+        prompt = prompt[-cfg.max_prompt_length:] if keep_end else prompt[: cfg.max_prompt_length]
+    if cfg.max_length is not None:
+        longest = max(len(c) for c in completions)
+        if keep_end and len(prompt) + longest > cfg.max_length:
+            budget = max(cfg.max_length - longest, 1)
+            prompt = prompt[-budget:] if prompt else prompt
+            completions = [c[-(cfg.max_length - len(prompt)):] for c in completions]
+        elif not keep_end:
+            if len(prompt) >= cfg.max_length:
+                return None, "prompt_fills_max_length"
+            completions = [c[: cfg.max_length - len(prompt)] for c in completions]
+    if not prompt:
+        return None, "empty_prompt"
+    if any(len(c) == 0 for c in completions):
+        return None, "empty_completion"
+    return prompt, completions
+
+
+def tokenize_records(records: list[dict[str, Any]], tokenizer, cfg: TruncationConfig) -> tuple[list[dict], Counter]:
+    """Tokenize and truncate records (paired or unpaired); returns (rows, dropped-count by reason)."""
+    rows, dropped = [], Counter()
+    for i, r in enumerate(records):
+        paired = "chosen" in r
+        comps = [r["chosen"], r["rejected"]] if paired else [r["completion"]]
+        p, cs = tokenize_completions(tokenizer, r["prompt"], comps)
+        p, cs = truncate(p, cs, cfg)
+        if p is None:
+            dropped[cs] += 1
+            continue
+        row = {"index": i, "prompt_ids": p}
+        if paired:
+            row["chosen_ids"], row["rejected_ids"] = cs
+        else:
+            row["completion_ids"], row["label"] = cs[0], bool(r["label"])
+        rows.append(row)
+    return rows, dropped

@@ -1,0 +1,124 @@
+"""Load a Hugging Face causal LM and its tokenizer: hub id, local folder, or a built-in tiny model.
+
+Everything goes through the real ``from_pretrained`` path; ``builtin:tiny-llama`` is first built from a
+config and saved with ``save_pretrained`` (see ``tiny.py``), so tests and the offline default exercise the
+same code a user's ``meta-llama/...`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Map a config string (``bf16``, ``float32``, ...) to a torch dtype; ``None``/``auto`` stay ``None``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) == "auto":
+        return None
+    try:
+        return DTYPES[str(dtype)]
+    except KeyError:
+        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)} or 'auto'") from None
+
+
+@dataclass
+class ModelSpec:
+    """Where a causal LM comes from and how to load it (the ``model`` config group binds to this).
+
+    Attributes:
+        name_or_path: hub id, local folder, or ``builtin:tiny-llama`` (built offline from a config).
+        dtype: parameter dtype: ``float32`` | ``bfloat16`` | ``float16`` | ``auto``.
+        attn_implementation: ``sdpa`` | ``eager`` | ``flash_attention_2`` | None (transformers' default).
+        trust_remote_code: allow custom modeling code from the hub.
+        revision: hub revision (branch, tag or commit).
+        tiny: keyword overrides for the built-in tiny model's config (only for ``builtin:`` names).
+        quantization: a bitsandbytes config mapping (see ``models/quantization.py``), or None.
+    """
+
+    name_or_path: str = "builtin:tiny-llama"
+    dtype: str = "float32"
+    attn_implementation: str | None = "sdpa"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    tiny: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
+
+
+def resolve_path(spec: ModelSpec) -> str:
+    """A path ``from_pretrained`` can read: builtin models are materialized on disk first."""
+    if spec.name_or_path.startswith("builtin:"):
+        from dpo_lightning.models.tiny import materialize
+
+        return str(materialize(spec.name_or_path.split(":", 1)[1], **dict(spec.tiny or {})))
+    return spec.name_or_path
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer with a pad token (falls back to EOS, then UNK, as TRL does)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        resolve_path(spec), revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.eos_token is None:
+        raise ValueError(f"tokenizer of {spec.name_or_path!r} has no EOS token; set one in its tokenizer_config.json")
+    return tok
+
+
+def load_causal_lm(spec: ModelSpec, *, device_map: Any = None):
+    """Load the model in eval-free training form: dropout disabled (as in the DPO paper), no KV cache."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(
+        revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code,
+        dtype=resolve_dtype(spec.dtype) or "auto",
+    )
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.quantization:
+        from dpo_lightning.models.quantization import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(spec.quantization)
+        if device_map is None:
+            device_map = {"": _default_device()}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(resolve_path(spec), **kwargs)
+    disable_dropout(model)
+    model.config.use_cache = False
+    return model
+
+
+def _default_device() -> str:
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (DPO paper, App. B; TRL's ``disable_dropout``)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    cfg = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if cfg is not None and isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, 0.0)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Make ``model`` a frozen reference: eval mode, no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,162 @@
+"""``PreferenceLitModule``: a policy, a frozen reference and a registry loss, as one LightningModule.
+
+    from dpo_lightning import PreferenceLitModule, PreferenceDataModule, get_loss
+    module = PreferenceLitModule("gpt2", loss=get_loss("sigmoid", beta=0.1))
+    lightning.Trainer(max_steps=100).fit(module, datamodule=PreferenceDataModule("pairs.jsonl", "gpt2"))
+
+Works with any Lightning strategy, precision, callback or logger; Hydra is not needed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+
+from dpo_lightning.inputs import build_inputs
+from dpo_lightning.logprobs import SeqLogps, sequence_logps
+from dpo_lightning.losses.registry import Loss, LossOutput, get_loss
+from dpo_lightning.models.hf import ModelSpec, load_causal_lm
+from dpo_lightning.optim import OptimizerSpec, SchedulerSpec
+from dpo_lightning.reference import ReferenceSpec, adapters_disabled, build_reference
+
+
+def _as(kind, value):
+    if value is None:
+        return kind()
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str) and kind is ModelSpec:
+        return ModelSpec(name_or_path=value)
+    return kind(**dict(value))
+
+
+class PreferenceLitModule(L.LightningModule):
+    """Preference optimization of ``model`` against a frozen reference.
+
+    Args:
+        model: ``ModelSpec``, a dict of its fields, or a hub id / local path.
+        loss: a ``Loss`` from ``get_loss``, a registry name, or ``{"name": ..., **hparams}``.
+        reference: ``ReferenceSpec`` or dict (default: frozen copy of the initial policy).
+        optimizer, scheduler: ``OptimizerSpec`` / ``SchedulerSpec`` or dicts.
+        chunk_size: rows of the LM head computed at once (memory vs. speed).
+        full_logits: use the plain path (full logits, for exactness checks); slower, more memory.
+    """
+
+    def __init__(self, model: ModelSpec | dict | str | None = None, loss: Loss | dict | str = "sigmoid",
+                 reference: ReferenceSpec | dict | None = None, optimizer: OptimizerSpec | dict | None = None,
+                 scheduler: SchedulerSpec | dict | None = None, chunk_size: int = 1024, full_logits: bool = False):
+        super().__init__()
+        self.model_spec = _as(ModelSpec, model)
+        if isinstance(loss, str):
+            loss = get_loss(loss)
+        elif isinstance(loss, dict):
+            loss = get_loss(**loss)
+        self.loss_fn: Loss = loss
+        self.reference_spec = _as(ReferenceSpec, reference)
+        self.optimizer_spec = _as(OptimizerSpec, optimizer)
+        self.scheduler_spec = _as(SchedulerSpec, scheduler)
+        self.chunk_size, self.full_logits = chunk_size, full_logits
+        self.save_hyperparameters({
+            "model": asdict(self.model_spec), "loss": {"name": loss.name, **loss.hparams},
+            "reference": asdict(self.reference_spec), "optimizer": asdict(self.optimizer_spec),
+            "scheduler": asdict(self.scheduler_spec), "chunk_size": chunk_size, "full_logits": full_logits,
+        })
+        self.policy = load_causal_lm(self.model_spec)
+        self.reference_mode = self.reference_spec.resolve_mode(
+            loss.requires_reference, hasattr(self.policy, "disable_adapter"))
+        if self.reference_spec.precompute and loss.requires_reference:
+            self.reference_mode = "cached"
+        self.reference = build_reference(self.reference_mode, self.reference_spec, self.model_spec, self.policy)
+        self.policy.train()
+        self.strict_loading = False  # reference weights are not checkpointed (see on_save_checkpoint)
+        self.loss_state: dict[str, Any] = {}
+
+    def train(self, mode: bool = True):
+        """Lightning toggles train/eval on the whole module; the reference always stays in eval mode."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    # ---------------------------------------------------------------- forward
+    def policy_logps(self, batch: dict[str, Any]) -> SeqLogps:
+        return sequence_logps(self.policy, batch, batch["num_sequences"], chunk_size=self.chunk_size,
+                              full_logits=self.full_logits,
+                              want_sq=bool(self.loss_fn.hparams.get("use_weighting")))
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, Any]) -> SeqLogps | None:
+        """Reference log-probs for the batch, or None when they come precomputed or are not needed."""
+        if self.reference_mode in ("none", "cached"):
+            return None
+        if self.reference_mode == "adapter":
+            with adapters_disabled(self.policy):
+                return sequence_logps(self.policy, batch, batch["num_sequences"], chunk_size=self.chunk_size,
+                                      full_logits=self.full_logits)
+        self.reference.eval()
+        return sequence_logps(self.reference, batch, batch["num_sequences"], chunk_size=self.chunk_size,
+                              full_logits=self.full_logits)
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[LossOutput, dict[str, torch.Tensor]]:
+        """Loss output and the logged metrics (TRL names, without split prefix) for one batch."""
+        policy = self.policy_logps(batch)
+        reference = self.reference_logps(batch)
+        inputs, metrics = build_inputs(self.loss_fn, policy, reference, batch)
+        inputs.state = self.loss_state
+        out = self.loss_fn(inputs)
+        metrics.update({
+            "loss": out.loss.detach(),
+            "rewards/chosen": out.chosen_rewards.mean(),
+            "rewards/rejected": out.rejected_rewards.mean(),
+        })
+        if self.loss_fn.paired:
+            metrics["rewards/accuracies"] = (out.chosen_rewards > out.rejected_rewards).float().mean()
+            metrics["rewards/margins"] = (out.chosen_rewards - out.rejected_rewards).mean()
+        metrics.update({k: v.detach() for k, v in out.metrics.items()})
+        return out, metrics
+
+    # ---------------------------------------------------------------- steps
+    def _batch_size(self, batch) -> int:
+        return int(batch["index"].numel())
+
+    def training_step(self, batch, batch_idx):
+        out, metrics = self.compute_loss(batch)
+        loss_value = metrics.pop("loss")
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False,
+                      batch_size=self._batch_size(batch))
+        self.log("train/loss", loss_value, prog_bar=True, batch_size=self._batch_size(batch))
+        return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        _, metrics = self.compute_loss(batch)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, on_step=False, on_epoch=True,
+                      sync_dist=True, batch_size=self._batch_size(batch))
+
+    def test_step(self, batch, batch_idx):
+        _, metrics = self.compute_loss(batch)
+        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, on_step=False, on_epoch=True,
+                      sync_dist=True, batch_size=self._batch_size(batch))
+
+    # ---------------------------------------------------------------- optim
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_spec.build(params)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        scheduler = self.scheduler_spec.build(optimizer, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen reference from checkpoints: it is rebuilt from its source on load."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith("reference.")}
+        checkpoint["loss_state"] = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.loss_state.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = [k for k in self.state_dict() if k.startswith("policy.") and k not in checkpoint["state_dict"]]
+        if missing:
+            raise KeyError(f"checkpoint lacks policy weights, e.g. {missing[:3]}; was it saved by this module?")
+        self.loss_state.update(checkpoint.get("loss_state", {}))
