@@ -26,7 +26,16 @@ class DataError(ValueError):
 
 
 def load_records(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a JSONL/JSON/Parquet/CSV file, a ``save_to_disk`` folder, or a hub dataset id."""
+    """Rows of a JSONL/JSON/Parquet/CSV file, a ``save_to_disk`` folder, a hub dataset id, or
+    ``builtin:<name>`` (a dataset embedded in the package, e.g. ``builtin:default_prefs``)."""
+    if str(source).startswith("builtin:"):
+        from importlib import resources
+
+        name = str(source).split(":", 1)[1]
+        asset = resources.files("dpo_lightning.assets").joinpath(f"{name}.jsonl")
+        if not asset.is_file():
+            raise DataError(f"{source}: no such built-in dataset (available: builtin:default_prefs)")
+        return _read_jsonl(Path(str(asset)))
     path = Path(str(source)).expanduser()
     if path.is_dir():
         return _load_saved(path, split)

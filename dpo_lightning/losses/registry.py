@@ -2,8 +2,9 @@
 
 A loss function takes a ``LossInputs`` and keyword hyperparameters and returns a ``LossOutput``.
 Its metadata travels with it (``LossSpec``): does it need a reference, is the data paired, are the
-sequence log-probs length-normalized before the loss sees them. The module reads only metadata; it never
-branches on a loss name.
+sequence log-probs length-normalized before the loss sees them, does it need KTO's mismatched KL rows,
+which input modifiers (LD-DPO ``ld_alpha``, WPO ``use_weighting``) it supports. The module reads only
+metadata; it never branches on a loss name.
 
     get_loss("sigmoid", beta=0.1)    # -> Loss, a picklable callable carrying spec + hyperparameters
 """
@@ -11,7 +12,7 @@ branches on a loss name.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,27 +55,56 @@ class LossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. {"nll_loss": ..., "kl": ...}
 
 
+MODIFIERS = ("ld_alpha", "use_weighting")  # read by the module when it builds LossInputs
+PAIRED_MODIFIERS = MODIFIERS  # default for paired, reference-based losses (as TRL's DPOTrainer allows)
+
+
 @dataclass(frozen=True)
 class LossSpec:
+    """A registry entry. ``bind`` normalizes/validates hyperparameters once (``get_loss``); ``resolve``
+    derives metadata from hyperparameters (combinations); both are None for ordinary losses."""
+
     name: str
     fn: Callable[..., LossOutput]
     paper: str
     requires_reference: bool = True
     paired: bool = True
     length_normalized: bool = False
+    needs_kl_pairs: bool = False
+    modifiers: tuple[str, ...] = ()
+    bind: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+    @property
+    def keywords(self) -> frozenset[str]:
+        """Keyword-only hyperparameters of ``fn``."""
+        return frozenset(k for k, p in inspect.signature(self.fn).parameters.items()
+                         if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {k: p.default for k, p in inspect.signature(self.fn).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
 def register(name: str, *, paper: str, requires_reference: bool = True, paired: bool = True,
-             length_normalized: bool = False):
-    """Decorator: add ``fn`` to ``LOSSES`` under ``name`` with its metadata."""
+             length_normalized: bool = False, needs_kl_pairs: bool = False,
+             modifiers: tuple[str, ...] | None = None, bind=None, resolve=None):
+    """Decorator: add ``fn`` to ``LOSSES`` under ``name`` with its metadata.
+
+    ``modifiers`` defaults to ``("ld_alpha", "use_weighting")`` for paired reference-based losses and to
+    none otherwise.
+    """
 
     def wrap(fn):
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is registered twice")
-        LOSSES[name] = LossSpec(name, fn, paper, requires_reference, paired, length_normalized)
+        mods = modifiers if modifiers is not None else (PAIRED_MODIFIERS if paired and requires_reference else ())
+        LOSSES[name] = LossSpec(name, fn, paper, requires_reference, paired, length_normalized, needs_kl_pairs,
+                                tuple(mods), bind, resolve)
         return fn
 
     return wrap
@@ -91,41 +121,72 @@ class Loss:
     def spec(self) -> LossSpec:
         return LOSSES[self.name]
 
+    def _meta(self, key: str):
+        spec = self.spec
+        if spec.resolve is not None:
+            resolved = spec.resolve(self.hparams)
+            if key in resolved:
+                return resolved[key]
+        return getattr(spec, key)
+
     @property
     def requires_reference(self) -> bool:
-        return self.spec.requires_reference
+        return bool(self._meta("requires_reference"))
 
     @property
     def paired(self) -> bool:
-        return self.spec.paired
+        return bool(self._meta("paired"))
 
     @property
     def length_normalized(self) -> bool:
-        return self.spec.length_normalized
+        return bool(self._meta("length_normalized"))
+
+    @property
+    def needs_kl_pairs(self) -> bool:
+        """True when unpaired batches must carry TRL KTO's mismatched KL rows (datamodule ``kl_pairs``)."""
+        return bool(self._meta("needs_kl_pairs"))
 
     @property
     def beta(self) -> float:
         return float(self.hparams.get("beta", 0.1))
 
     def __call__(self, inputs: LossInputs) -> LossOutput:
-        return self.spec.fn(inputs, **self.hparams)
+        keywords = self.spec.keywords
+        return self.spec.fn(inputs, **{k: v for k, v in self.hparams.items() if k in keywords})
 
 
-MODIFIERS = ("ld_alpha", "use_weighting")  # read by the module when it builds LossInputs
+def plain(value: Any) -> Any:
+    """Hydra/OmegaConf containers and tuples -> plain dicts and lists (picklable, comparable)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [plain(v) for v in value]
+    return value
 
 
 def get_loss(name: str, **hparams: Any) -> Loss:
-    """Bind registry entry ``name`` to hyperparameters, checking them against the function's signature."""
+    """Bind registry entry ``name`` to hyperparameters, checking them against the function's signature.
+
+    Accepted: the function's keyword-only arguments plus the entry's ``modifiers`` (``ld_alpha``,
+    ``use_weighting``), which the module applies when it builds ``LossInputs``.
+    """
     import dpo_lightning.losses  # noqa: F401  (registers every family)
 
     if name not in LOSSES:
         raise KeyError(f"unknown loss {name!r}; available: {', '.join(sorted(LOSSES))}")
-    params = inspect.signature(LOSSES[name].fn).parameters
-    accepted = {k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    unknown = set(hparams) - accepted - set(MODIFIERS)
-    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    spec = LOSSES[name]
+    accepted = spec.keywords | set(spec.modifiers)
+    unknown = set(hparams) - accepted
+    if unknown:
         raise TypeError(f"loss {name!r} got unknown hyperparameter(s) {sorted(unknown)}; "
-                        f"it accepts {sorted(accepted | set(MODIFIERS))}")
-    defaults = {k: p.default for k, p in params.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
-    return Loss(name, {**defaults, **hparams})
+                        f"it accepts {sorted(accepted)}")
+    bound = plain({**spec.defaults, **hparams})
+    if bound.get("use_weighting") is False:
+        bound.pop("use_weighting")  # False == absent: keeps get_loss(x) == get_loss(x, use_weighting=False)
+    if "ld_alpha" in bound and bound["ld_alpha"] is None:
+        bound.pop("ld_alpha")
+    if "ld_alpha" in bound and not 0.0 <= float(bound["ld_alpha"]) <= 1.0:
+        raise ValueError(f"loss {name!r}: ld_alpha={bound['ld_alpha']} must lie in [0, 1]")
+    if spec.bind is not None:
+        bound = spec.bind(bound)
+    return Loss(name, bound)

@@ -1,0 +1,5 @@
+"""Lightning callbacks shipped with dpo_lightning."""
+
+from dpo_lightning.callbacks.throughput import ThroughputMonitor
+
+__all__ = ["ThroughputMonitor"]

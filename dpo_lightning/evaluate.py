@@ -1,0 +1,76 @@
+"""dpo-eval: score a policy against a reference on a dataset; print and write the val/ metrics as JSON.
+
+    dpo-eval model=hf model.name_or_path=outputs/train/runs/<run>/export data.path=pairs.jsonl
+    dpo-eval reference.name_or_path=gpt2 model.name_or_path=./my-policy loss=ipo
+    python -m dpo_lightning.evaluate split=all
+
+The metrics are the training module's own (same loss, same names), averaged over the whole set.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from dpo_lightning.configs import config_dir
+from dpo_lightning.data.formats import DataError
+from dpo_lightning.io import atomic_write_json
+from dpo_lightning.module import PreferenceLitModule
+from dpo_lightning.runtime import print_config_tree
+
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate and return {metric: value}; also written to ``cfg.output_json``."""
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("print_config"):
+        print_config_tree(cfg)
+    model_spec = instantiate(cfg.model, _convert_="all")
+    loss = instantiate(cfg.loss, _convert_="all")
+    dm = instantiate(cfg.data, _partial_=True, _convert_="all")(
+        tokenizer=model_spec, paired=loss.paired, kl_pairs=bool(getattr(loss, "needs_kl_pairs", False)))
+    module = PreferenceLitModule(model_spec, loss=loss, reference=instantiate(cfg.reference, _convert_="all"))
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
+                          enable_model_summary=False)
+    dm.setup("validate")
+    use_val = cfg.get("split", "auto") == "auto" and bool(dm.val_rows)
+    rows = dm.val_rows if use_val else dm.train_rows + dm.val_rows
+    loader = dm._loader(sorted(rows, key=lambda r: r["index"]), dm.eval_batch_size, shuffle=False)
+    results = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+    metrics = {k: float(v) for k, v in sorted(results.items())}
+    report = {"metrics": metrics, "num_examples": len(rows), "policy": model_spec.name_or_path,
+              "reference": module.reference_mode if module.reference_mode != "model"
+              else module.reference_spec.name_or_path, "loss": {"name": loss.name, **loss.hparams},
+              "data": str(cfg.data.path), "split": "held-out" if use_val else "all"}
+    atomic_write_json(cfg.output_json, report)
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {cfg.output_json}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
+def _hydra_main(cfg: DictConfig) -> None:
+    with open_dict(cfg):
+        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    try:
+        evaluate(cfg)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""dpo-train: preference-optimize a causal LM with Lightning, configured by Hydra.
+
+    dpo-train                                         # embedded default: tiny model, synthetic pairs, CPU
+    dpo-train model=hf model.name_or_path=gpt2 data.path=pairs.jsonl loss=ipo loss.beta=0.1
+    dpo-train -m loss.beta=0.05,0.5                   # a sweep: one run folder per job
+    python -m dpo_lightning.train trainer.max_steps=50 logger=csv
+
+``train(cfg)`` is a plain function (tests call it with a composed config); ``main`` is the thin Hydra edge.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dpo_lightning.configs import config_dir
+from dpo_lightning.data.formats import DataError
+from dpo_lightning.io import AtomicCheckpointIO, export_pretrained
+from dpo_lightning.module import PreferenceLitModule
+from dpo_lightning.runtime import flatten, prepare_wandb, print_config_tree, save_config, wandb_sync_hint
+
+log = logging.getLogger("dpo_lightning")
+# The frozen reference is in eval mode on purpose; Lightning warns about any such module.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+
+
+class ConfigError(ValueError):
+    """An invalid combination of settings, reported before any model loads."""
+
+
+def build(cfg: DictConfig, *, with_trainer: bool = True) -> dict[str, Any]:
+    """Instantiate every object a run needs from a composed config (no training)."""
+    model_spec = instantiate(cfg.model, _convert_="all")
+    loss = instantiate(cfg.loss, _convert_="all")
+    reference = instantiate(cfg.reference, _convert_="all")
+    datamodule = instantiate(cfg.data, _partial_=True, _convert_="all")(
+        tokenizer=model_spec, paired=loss.paired, kl_pairs=bool(getattr(loss, "needs_kl_pairs", False)))
+    module = PreferenceLitModule(model_spec, loss=loss, reference=reference,
+                                 optimizer=instantiate(cfg.optimizer, _convert_="all"),
+                                 scheduler=instantiate(cfg.scheduler, _convert_="all"))
+    out = {"model_spec": model_spec, "loss": loss, "datamodule": datamodule, "module": module}
+    if with_trainer:
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                              plugins=[AtomicCheckpointIO()])
+        out.update(callbacks=callbacks, loggers=loggers, trainer=trainer)
+    return out
+
+
+def _metric(results: list[dict], key: str) -> float | None:
+    return float(results[0][key]) if results and key in results[0] else None
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job; returns a summary (accuracies before/after, throughput, paths)."""
+    start = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+    notice = prepare_wandb(cfg.get("logger"))
+    if cfg.get("print_config"):
+        print_config_tree(cfg)
+    save_config(cfg, f"{cfg.paths.output_dir}/config.yaml")
+    if notice:
+        log.warning(notice)
+    objs = build(cfg)
+    module, dm, trainer = objs["module"], objs["datamodule"], objs["trainer"]
+    for lg in objs["loggers"]:
+        lg.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
+
+    dm.setup("fit")
+    has_val = bool(dm.val_rows)
+    before = trainer.validate(module, datamodule=dm, verbose=False) if has_val and cfg.get("eval_before") else []
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    after = trainer.validate(module, datamodule=dm, verbose=False) if has_val else []
+
+    summary: dict[str, Any] = {
+        "val/rewards/accuracies (before)": _metric(before, "val/rewards/accuracies"),
+        "val/rewards/accuracies (after)": _metric(after, "val/rewards/accuracies"),
+        "val/loss (after)": _metric(after, "val/loss"),
+        "steps": trainer.global_step,
+    }
+    for cb in objs["callbacks"]:
+        if hasattr(cb, "summary"):
+            summary.update({f"train/{k}": v for k, v in cb.summary.items()})
+        if getattr(cb, "best_model_path", None):
+            summary["best_checkpoint"] = cb.best_model_path
+            summary["last_checkpoint"] = cb.last_model_path
+    if cfg.get("export") and trainer.is_global_zero:
+        summary["export"] = str(export_pretrained(module.policy, dm.tokenizer, f"{cfg.paths.output_dir}/export"))
+    summary["wall_seconds"] = time.perf_counter() - start
+    hint = wandb_sync_hint(objs["loggers"])
+    if trainer.is_global_zero:
+        _print_summary(summary, hint)
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], hint: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="dpo-train summary", show_header=False)
+    for k, v in summary.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+    before, after = summary.get("val/rewards/accuracies (before)"), summary.get("val/rewards/accuracies (after)")
+    if after is not None:
+        print(f"held-out reward accuracy: before {before if before is None else f'{before:.3f}'} "
+              f"-> after {after:.3f}")
+    if "train/tokens_per_sec" in summary:
+        print(f"training throughput: {summary['train/tokens_per_sec']:.0f} tokens/s, "
+              f"{summary['train/pairs_per_sec']:.1f} pairs/s")
+    if hint:
+        print(f"W&B run saved offline; upload it with: {hint}")
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    with open_dict(cfg):  # multirun: every job writes into its own folder
+        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    try:
+        summary = train(cfg)
+    except (DataError, ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return summary.get("val/rewards/accuracies (after)")  # the sweep objective
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
