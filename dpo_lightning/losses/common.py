@@ -61,3 +61,25 @@ def paired_output(losses: torch.Tensor, x: LossInputs, beta: float,
     """``LossOutput`` of a paired loss: mean loss, per-pair losses and TRL's rewards."""
     chosen_rewards, rejected_rewards = rewards(x, beta)
     return LossOutput(losses.mean(), losses, chosen_rewards, rejected_rewards, metrics or {})
+
+
+def dist_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a scalar over data-parallel ranks (TRL's ``gather_for_metrics(v).mean()``); identity alone."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        value = value.detach().clone()
+        torch.distributed.all_reduce(value)
+        value = value / torch.distributed.get_world_size()
+    return value
+
+
+def split_rewards(rewards: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpaired rewards [B] -> (desirable rows, undesirable rows); either may be empty."""
+    labels = labels.bool()
+    return rewards[labels], rewards[~labels]
+
+
+def unpaired_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``rewards/margins`` of an unpaired batch, only when both groups are present (as TRL's KTOTrainer)."""
+    if chosen.numel() and rejected.numel():
+        return {"rewards/margins": chosen.mean() - rejected.mean()}
+    return {}

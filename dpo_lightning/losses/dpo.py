@@ -44,7 +44,7 @@ def sigmoid(x: LossInputs, *, beta: float = 0.1, label_smoothing: float = 0.0, f
 
 
 @register("sigmoid_norm", paper="Length-normalized DPO (Tulu 3 'DPO-norm', Lambert et al. 2024, "
-          "arXiv:2411.15124, Eq. 6)", bind=check)
+          "arXiv:2411.15124, length-normalized DPO objective)", bind=check)
 def sigmoid_norm(x: LossInputs, *, beta: float = 0.1, f_divergence_type: str = FDIV,
                  f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """-log sigma(beta * (s_c / |y_c| - s_r / |y_r|)): DPO on per-token-averaged scores.
@@ -82,7 +82,7 @@ def ipo(x: LossInputs, *, beta: float = 0.1, f_divergence_type: str = FDIV,
     return paired_output(wpo(losses, x), x, beta)
 
 
-@register("robust", paper="Chowdhury et al. 2024 (rDPO), arXiv:2403.00409, Eq. 7", bind=_smoothing(0.0, 0.5))
+@register("robust", paper="Chowdhury et al. 2024 (rDPO), arXiv:2403.00409, Sec. 3 (the rDPO loss)", bind=_smoothing(0.0, 0.5))
 def robust(x: LossInputs, *, beta: float = 0.1, label_smoothing: float = 0.1, f_divergence_type: str = FDIV,
            f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """[-(1-eps) log sigma(beta delta) + eps log sigma(-beta delta)] / (1 - 2 eps), eps = flip rate in [0, 0.5).
@@ -113,7 +113,7 @@ def exo_pair(x: LossInputs, *, beta: float = 0.1, label_smoothing: float = 1e-3,
     return paired_output(wpo(losses, x), x, beta)
 
 
-@register("discopop", paper="Chan Lu et al. 2024 (DiscoPOP), arXiv:2406.08414, Eq. 5", bind=check)
+@register("discopop", paper="Lu et al. 2024 (DiscoPOP), arXiv:2406.08414, Eq. 5", bind=check)
 def discopop(x: LossInputs, *, beta: float = 0.1, discopop_tau: float = 0.05, f_divergence_type: str = FDIV,
              f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """Log-ratio modulated loss: (1 - m) * (-log sigma(z)) + m * exp(-z), m = sigma(z / tau), z = beta * delta."""
