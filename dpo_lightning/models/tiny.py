@@ -18,7 +18,8 @@ from pathlib import Path
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %} </s>{% endif %} {% endfor %}"
     "{% if add_generation_prompt %}assistant :{% endif %}"
 )
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
