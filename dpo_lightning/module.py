@@ -19,6 +19,7 @@ from dpo_lightning.inputs import build_inputs
 from dpo_lightning.logprobs import SeqLogps, sequence_logps
 from dpo_lightning.losses.registry import Loss, LossOutput, get_loss
 from dpo_lightning.models.hf import ModelSpec, load_causal_lm
+from dpo_lightning.models.peft import apply_peft
 from dpo_lightning.optim import OptimizerSpec, SchedulerSpec
 from dpo_lightning.reference import ReferenceSpec, adapters_disabled, build_reference
 
@@ -43,11 +44,14 @@ class PreferenceLitModule(L.LightningModule):
         optimizer, scheduler: ``OptimizerSpec`` / ``SchedulerSpec`` or dicts.
         chunk_size: rows of the LM head computed at once (memory vs. speed).
         full_logits: use the plain path (full logits, for exactness checks); slower, more memory.
+        peft: adapter settings (``{"method": "lora", "r": 16, ...}``, see ``models/peft.py``); None = full
+            fine-tuning. With adapters the reference defaults to the policy with adapters disabled.
     """
 
     def __init__(self, model: ModelSpec | dict | str | None = None, loss: Loss | dict | str = "sigmoid",
                  reference: ReferenceSpec | dict | None = None, optimizer: OptimizerSpec | dict | None = None,
-                 scheduler: SchedulerSpec | dict | None = None, chunk_size: int = 1024, full_logits: bool = False):
+                 scheduler: SchedulerSpec | dict | None = None, chunk_size: int = 1024, full_logits: bool = False,
+                 peft: dict | None = None):
         super().__init__()
         self.model_spec = _as(ModelSpec, model)
         if isinstance(loss, str):
@@ -63,8 +67,10 @@ class PreferenceLitModule(L.LightningModule):
             "model": asdict(self.model_spec), "loss": {"name": loss.name, **loss.hparams},
             "reference": asdict(self.reference_spec), "optimizer": asdict(self.optimizer_spec),
             "scheduler": asdict(self.scheduler_spec), "chunk_size": chunk_size, "full_logits": full_logits,
+            "peft": dict(peft) if peft else None,
         })
-        self.policy = load_causal_lm(self.model_spec)
+        self.peft_settings = dict(peft) if peft else None
+        self.policy = apply_peft(load_causal_lm(self.model_spec), self.peft_settings)
         self.reference_mode = self.reference_spec.resolve_mode(
             loss.requires_reference, hasattr(self.policy, "disable_adapter"))
         if self.reference_spec.precompute and loss.requires_reference:

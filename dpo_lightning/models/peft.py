@@ -1,0 +1,74 @@
+"""Parameter-efficient fine-tuning: wrap the loaded policy in LoRA adapters (the ``peft`` config group).
+
+    peft=lora                       LoRA on every linear layer of the decoder (``target_modules: all-linear``)
+    peft=lora quantization=bnb_4bit QLoRA: 4-bit frozen base, LoRA adapters, k-bit training preparation
+
+Only the adapter weights train. The reference is then the policy with its adapters disabled
+(``reference.mode=auto`` resolves to ``adapter``): no second copy of the base weights is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from dpo_lightning.models.quantization import is_quantized
+
+log = logging.getLogger("dpo_lightning")
+
+METHODS = ("lora",)
+# Our config keys -> peft.LoraConfig arguments.
+_LORA_KEYS = {
+    "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
+    "bias": "bias", "modules_to_save": "modules_to_save", "use_rslora": "use_rslora", "use_dora": "use_dora",
+    "init_lora_weights": "init_lora_weights", "layers_to_transform": "layers_to_transform",
+    "exclude_modules": "exclude_modules",
+}
+_OWN_KEYS = {"method", "gradient_checkpointing"}
+
+
+def lora_config(settings: dict[str, Any]):
+    """A ``peft.LoraConfig`` for a causal LM from our ``peft`` mapping."""
+    from peft import LoraConfig
+
+    settings = dict(settings)
+    unknown = sorted(set(settings) - set(_LORA_KEYS) - _OWN_KEYS)
+    if unknown:
+        raise ValueError(f"peft: unknown keys {unknown}; known: {sorted(set(_LORA_KEYS) | _OWN_KEYS)}")
+    kwargs = {_LORA_KEYS[k]: v for k, v in settings.items() if k in _LORA_KEYS and v is not None}
+    targets = kwargs.get("target_modules")
+    if isinstance(targets, (list, tuple)):
+        kwargs["target_modules"] = list(targets)
+    kwargs.setdefault("target_modules", "all-linear")
+    if int(kwargs.get("r", 8)) < 1:
+        raise ValueError(f"peft.r={kwargs['r']}: the LoRA rank must be at least 1")
+    return LoraConfig(task_type="CAUSAL_LM", **kwargs)
+
+
+def apply_peft(model: torch.nn.Module, settings: dict[str, Any] | None) -> torch.nn.Module:
+    """``model`` wrapped in adapters as ``settings`` asks (None or ``method: none``: unchanged).
+
+    A bitsandbytes-quantized model is first prepared for k-bit training (``prepare_model_for_kbit_training``:
+    layer norms and embeddings in fp32, input gradients enabled), as QLoRA does.
+    """
+    if not settings or settings.get("method", "lora") in (None, "none"):
+        return model
+    method = settings.get("method", "lora")
+    if method not in METHODS:
+        raise ValueError(f"peft.method={method!r}: supported methods are {METHODS} (or peft=none)")
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    checkpointing = bool(settings.get("gradient_checkpointing", False))
+    ckpt_kwargs = {"use_reentrant": False}  # re-entrant checkpointing breaks DDP and frozen-input graphs
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    model = get_peft_model(model, lora_config(settings))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
+    return model
