@@ -1,0 +1,51 @@
+"""Parity with TRL 1.16 (``scripts/trl_parity.py``): skipped where TRL is not installed.
+
+TRL is not a dependency. To run these against a separate TRL environment with the same torch/transformers:
+
+    TRL_SITE_PACKAGES=/path/to/trlenv/lib/python3.11/site-packages pytest tests/test_trl_parity.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+if os.environ.get("TRL_SITE_PACKAGES") and os.environ["TRL_SITE_PACKAGES"] not in sys.path:
+    sys.path.append(os.environ["TRL_SITE_PACKAGES"])
+trl = pytest.importorskip("trl")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "trl_parity.py"
+
+
+@pytest.fixture(scope="module")
+def parity():
+    if not trl.__version__.startswith("1.16"):
+        pytest.skip(f"parity is pinned to TRL 1.16 (found {trl.__version__})")
+    spec = importlib.util.spec_from_file_location("trl_parity", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_logprob_level_parity_every_loss(parity, seed):
+    """Per-example losses, rewards and batch metrics within 1e-5 of TRL's for every loss TRL has."""
+    for c in parity.CASES:
+        if c.trl is None:
+            continue
+        r = parity.compare_logps(c, seed=seed)
+        assert not r["missing"], (c.label, r["missing"])
+        for key in ("per_example", "reward", "metric"):
+            assert r[key] is None or r[key] <= parity.TOL_LOGPS, (c.label, key, r[key], r["metric_key"])
+
+
+@pytest.mark.slow
+def test_tiny_policy_against_reference_parity(parity):
+    """One tiny policy vs. one reference through TRL's trainers and our module: loss and metrics within 1e-4."""
+    for r in parity.part2():
+        assert r["tokens_equal"] and not r["missing"], r
+        assert r["metric"] <= parity.TOL_MODEL, r
