@@ -33,6 +33,8 @@ def test_train_writes_config_checkpoints_metrics_and_export(trained):
     assert cfg["loss"]["beta"] == 0.2 and cfg["data"]["max_length"] == 48 and cfg["seed"] == 1
     assert (trained / "checkpoints" / "last.ckpt").exists()
     assert list((trained / "checkpoints").glob("best-step*.ckpt"))
+    assert (trained / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "val/rewards/accuracies" in (trained / "training_curves.csv").read_text()
     metrics = (trained / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     for name in ("train/loss", "train/rewards/accuracies", "train/logps/chosen", "train/logits/rejected",
                  "train/tokens_per_sec", "val/rewards/accuracies", "val/rewards/margins"):

@@ -1,5 +1,6 @@
 """Lightning callbacks shipped with dpo_lightning."""
 
+from dpo_lightning.callbacks.curves import TrainingCurves
 from dpo_lightning.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["ThroughputMonitor"]
+__all__ = ["ThroughputMonitor", "TrainingCurves"]
