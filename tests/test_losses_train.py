@@ -17,6 +17,15 @@ from dpo_lightning.losses import LOSSES
 ARGS = {"combination": {"losses": [{"name": "sigmoid", "weight": 1.0}, {"name": "sft", "weight": 0.5}]}}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from intra-op threads; one thread avoids thrashing on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def datamodules(default_data_path, tiny_path):
     """One data module per (paired, kl_pairs) kind, set up once for the whole module."""
