@@ -18,19 +18,22 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dpo_lightning.configs import config_dir
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.io import atomic_write_json
 from dpo_lightning.module import PreferenceLitModule
 from dpo_lightning.runtime import print_config_tree
+from dpo_lightning.strategies import build_strategy
+from dpo_lightning.validation import validate_config
 
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate and return {metric: value}; also written to ``cfg.output_json``."""
+    validate_config(cfg, training=False)  # before any model loads
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("print_config"):
         print_config_tree(cfg)
@@ -38,9 +41,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     loss = instantiate(cfg.loss, _convert_="all")
     dm = instantiate(cfg.data, _partial_=True, _convert_="all")(
         tokenizer=model_spec, paired=loss.paired, kl_pairs=bool(getattr(loss, "needs_kl_pairs", False)))
-    module = PreferenceLitModule(model_spec, loss=loss, reference=instantiate(cfg.reference, _convert_="all"))
+    module = PreferenceLitModule(model_spec, loss=loss, reference=instantiate(cfg.reference, _convert_="all"),
+                                 peft=OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
-                          enable_model_summary=False)
+                          enable_model_summary=False, strategy=build_strategy(cfg.get("strategy")))
     dm.setup("validate")
     use_val = cfg.get("split", "auto") == "auto" and bool(dm.val_rows)
     rows = dm.val_rows if use_val else dm.train_rows + dm.val_rows

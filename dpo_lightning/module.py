@@ -133,7 +133,8 @@ class PreferenceLitModule(L.LightningModule):
         loss_value = metrics.pop("loss")
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False,
                       batch_size=self._batch_size(batch))
-        self.log("train/loss", loss_value, prog_bar=True, batch_size=self._batch_size(batch))
+        # the loss is averaged over ranks (DDP/FSDP/DeepSpeed): the logged value is the global batch's
+        self.log("train/loss", loss_value, prog_bar=True, batch_size=self._batch_size(batch), sync_dist=True)
         return out.loss
 
     def validation_step(self, batch, batch_idx):

@@ -24,17 +24,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dpo_lightning.configs import config_dir
 from dpo_lightning.data.formats import DataError
-from dpo_lightning.io import AtomicCheckpointIO, export_pretrained
+from dpo_lightning.io import AtomicCheckpointIO
 from dpo_lightning.module import PreferenceLitModule
 from dpo_lightning.runtime import flatten, prepare_wandb, print_config_tree, save_config, wandb_sync_hint
+from dpo_lightning.strategies import build_strategy, export_policy
+from dpo_lightning.validation import ConfigError, validate_config
 
 log = logging.getLogger("dpo_lightning")
 # The frozen reference is in eval mode on purpose; Lightning warns about any such module.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-
-
-class ConfigError(ValueError):
-    """An invalid combination of settings, reported before any model loads."""
 
 
 def build(cfg: DictConfig, *, with_trainer: bool = True) -> dict[str, Any]:
@@ -46,13 +44,14 @@ def build(cfg: DictConfig, *, with_trainer: bool = True) -> dict[str, Any]:
         tokenizer=model_spec, paired=loss.paired, kl_pairs=bool(getattr(loss, "needs_kl_pairs", False)))
     module = PreferenceLitModule(model_spec, loss=loss, reference=reference,
                                  optimizer=instantiate(cfg.optimizer, _convert_="all"),
-                                 scheduler=instantiate(cfg.scheduler, _convert_="all"))
+                                 scheduler=instantiate(cfg.scheduler, _convert_="all"),
+                                 peft=OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None)
     out = {"model_spec": model_spec, "loss": loss, "datamodule": datamodule, "module": module}
     if with_trainer:
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                              plugins=[AtomicCheckpointIO()])
+                              strategy=build_strategy(cfg.get("strategy")), plugins=[AtomicCheckpointIO()])
         out.update(callbacks=callbacks, loggers=loggers, trainer=trainer)
     return out
 
@@ -64,6 +63,7 @@ def _metric(results: list[dict], key: str) -> float | None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job; returns a summary (accuracies before/after, throughput, paths)."""
     start = time.perf_counter()
+    validate_config(cfg)  # invalid combinations fail here, before any model loads
     L.seed_everything(cfg.seed, workers=True)
     notice = prepare_wandb(cfg.get("logger"))
     if cfg.get("print_config"):
@@ -94,8 +94,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if getattr(cb, "best_model_path", None):
             summary["best_checkpoint"] = cb.best_model_path
             summary["last_checkpoint"] = cb.last_model_path
-    if cfg.get("export") and trainer.is_global_zero:
-        summary["export"] = str(export_pretrained(module.policy, dm.tokenizer, f"{cfg.paths.output_dir}/export"))
+    if cfg.get("export"):  # every rank: sharded weights are gathered to rank 0, which writes
+        out = export_policy(trainer, module, dm.tokenizer, f"{cfg.paths.output_dir}/export",
+                            merge_adapters=bool(cfg.get("export_merged")))
+        if out is not None:
+            summary["export"] = str(out)
     summary["wall_seconds"] = time.perf_counter() - start
     hint = wandb_sync_hint(objs["loggers"])
     if trainer.is_global_zero:

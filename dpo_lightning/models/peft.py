@@ -26,7 +26,7 @@ _LORA_KEYS = {
     "init_lora_weights": "init_lora_weights", "layers_to_transform": "layers_to_transform",
     "exclude_modules": "exclude_modules",
 }
-_OWN_KEYS = {"method", "gradient_checkpointing"}
+_OWN_KEYS = {"method"}
 
 
 def lora_config(settings: dict[str, Any]):
@@ -51,7 +51,8 @@ def apply_peft(model: torch.nn.Module, settings: dict[str, Any] | None) -> torch
     """``model`` wrapped in adapters as ``settings`` asks (None or ``method: none``: unchanged).
 
     A bitsandbytes-quantized model is first prepared for k-bit training (``prepare_model_for_kbit_training``:
-    layer norms and embeddings in fp32, input gradients enabled), as QLoRA does.
+    non-quantized weights such as norms and embeddings in fp32, input gradients enabled), as QLoRA does.
+    Activation checkpointing is the module's own ``gradient_checkpointing`` option (or FSDP's).
     """
     if not settings or settings.get("method", "lora") in (None, "none"):
         return model
@@ -60,13 +61,8 @@ def apply_peft(model: torch.nn.Module, settings: dict[str, Any] | None) -> torch
         raise ValueError(f"peft.method={method!r}: supported methods are {METHODS} (or peft=none)")
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    checkpointing = bool(settings.get("gradient_checkpointing", False))
-    ckpt_kwargs = {"use_reentrant": False}  # re-entrant checkpointing breaks DDP and frozen-input graphs
     if is_quantized(model):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                                gradient_checkpointing_kwargs=ckpt_kwargs)
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, lora_config(settings))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
