@@ -43,7 +43,7 @@ def _resolve(target: str):
 def test_option_composes_and_binds(group, option, tmp_path):
     cfg = compose("train", [f"{group}={option}", f"paths.output_dir={tmp_path}", *EXTRA.get((group, option), [])])
     OmegaConf.resolve(cfg)
-    for path, node in _targets(cfg):
+    for _path, node in _targets(cfg):
         target = _resolve(node._target_)
         kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
         sig = inspect.signature(target)
