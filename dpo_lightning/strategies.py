@@ -336,6 +336,10 @@ def export_policy(trainer, module, tokenizer, out_dir: str | Path, *, merge_adap
     if state is not None:  # sharded: load the gathered weights into an unwrapped copy
         policy = _fresh_policy(module, quantized=False)
         missing, unexpected = policy.load_state_dict(state, strict=False)
+        # a tied weight (lm_head = embed_tokens) may be gathered under one of its names only
+        params = dict(policy.named_parameters(remove_duplicate=False))
+        loaded = {params[k].data_ptr() for k in state if k in params}
+        missing = [k for k in missing if not (k in params and params[k].data_ptr() in loaded)]
         if unexpected or missing:
             raise RuntimeError(f"export: gathered policy weights do not match the model (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")

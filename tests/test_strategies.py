@@ -284,6 +284,8 @@ L.seed_everything(cfg.seed, workers=True)
 objs = build(cfg)
 module, dm, trainer = objs["module"], objs["datamodule"], objs["trainer"]
 dm.setup("fit")
+if cfg.get("eval_before"):  # as dpo-train does: validate (sets the strategy up once), then fit (again)
+    trainer.validate(module, datamodule=dm, verbose=False)
 trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
 val = trainer.validate(module, datamodule=dm, verbose=False)
 out = export_policy(trainer, module, dm.tokenizer, f"{cfg.paths.output_dir}/export")
@@ -295,6 +297,7 @@ SHARDED_COMMON = [
     "logger=csv", "print_config=false", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
     "trainer.gradient_clip_val=null", "scheduler=constant", "scheduler.warmup_ratio=0.0", "optimizer.lr=1e-2",
     "data.val_fraction=0.02", "trainer.deterministic=true", "callbacks=none", "trainer.val_check_interval=1000",
+    "+model.tiny.tie_word_embeddings=true",  # a tied LM head (as Qwen2.5-0.5B): gathered and exported once
 ]
 
 
@@ -326,18 +329,19 @@ def sharded_script(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded")
     script = root / "run_sharded.py"
     script.write_text(RUN_SHARDED)
-    single = _run_sharded(script, root / "single", "trainer.devices=1", "data.batch_size=8", "trainer.max_steps=4")
+    single = _run_sharded(script, root / "single", "trainer.devices=1", "data.batch_size=8", "trainer.max_steps=4",
+                          "eval_before=true")
     return script, root / "single", single
 
 
-@pytest.mark.parametrize("name,atol_w", [("fsdp", 1e-5), ("fsdp2", 5e-4)])
+@pytest.mark.parametrize("name,atol_w", [("fsdp", 1e-4), ("fsdp2", 5e-4)])
 def test_sharded_strategy_on_cpu_matches_one_process(name, atol_w, sharded_script, tmp_path):
     """2 CPU processes (gloo), decoder layers sharded and checkpointed, frozen reference sharded too: the loss
     of every step and the gathered export equal one process with the same global batch. FSDP1 keeps the
     chunked LM head (its root unit is gathered for the whole step); FSDP2 switches to the model's forward."""
     script, single_dir, single = sharded_script
     res = _run_sharded(script, tmp_path / name, f"strategy={name}", "trainer.devices=2", "data.batch_size=4",
-                       "trainer.max_steps=4")
+                       "trainer.max_steps=4", "eval_before=true")
     assert res["strategy"] == {"fsdp": "FSDPStrategy", "fsdp2": "ModelParallelStrategy"}[name]
     assert res["full_logits"] == (name == "fsdp2")
     assert res["steps"] == single["steps"] == 4
@@ -349,13 +353,14 @@ def test_sharded_strategy_on_cpu_matches_one_process(name, atol_w, sharded_scrip
     w1, w2 = _weights(single_dir), _weights(tmp_path / name)
     assert w1.keys() == w2.keys()
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=atol_w, rtol=0, msg=k)
+        diff = (w2[k] - w1[k]).abs().max().item()
+        assert diff <= atol_w, f"{k}: {name} and one process differ by {diff}"
 
 
 def test_fsdp_sharded_checkpoint_resumes_exactly_without_the_reference(sharded_script, tmp_path):
     """Sharded checkpoints leave the frozen reference out; resuming loads the rest and matches a straight run."""
     script, _, _ = sharded_script
-    ck = ["strategy=fsdp", "trainer.devices=2", "data.batch_size=4", "callbacks=default",
+    ck = ["strategy=fsdp", "trainer.devices=2", "data.batch_size=4", "callbacks=default", "eval_before=false",
           "~callbacks.progress_bar", "~callbacks.throughput"]
     _run_sharded(script, tmp_path / "a", *ck, "trainer.max_steps=3", "trainer.val_check_interval=3")
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
@@ -364,4 +369,5 @@ def test_fsdp_sharded_checkpoint_resumes_exactly_without_the_reference(sharded_s
     _run_sharded(script, tmp_path / "c", *ck, "trainer.max_steps=5")
     wb, wc = _weights(tmp_path / "b"), _weights(tmp_path / "c")
     for k in wc:
-        torch.testing.assert_close(wb[k], wc[k], atol=1e-6, rtol=0, msg=k)
+        diff = (wb[k] - wc[k]).abs().max().item()
+        assert diff <= 1e-5, f"{k}: resumed and straight runs differ by {diff}"
