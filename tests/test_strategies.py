@@ -371,3 +371,23 @@ def test_fsdp_sharded_checkpoint_resumes_exactly_without_the_reference(sharded_s
     for k in wc:
         diff = (wb[k] - wc[k]).abs().max().item()
         assert diff <= 1e-5, f"{k}: resumed and straight runs differ by {diff}"
+
+
+def test_fsdp_with_lora_matches_one_process(sharded_script, tmp_path):
+    """LoRA under FSDP: mixed frozen/trainable units, the reference = the sharded policy with adapters
+    disabled; losses and the gathered adapter export equal one process."""
+    from safetensors.torch import load_file
+
+    script, _, _ = sharded_script
+    lora = ["peft=lora", "peft.dropout=0.0", "trainer.max_steps=3", "eval_before=true"]
+    _run_sharded(script, tmp_path / "single", *lora, "trainer.devices=1", "data.batch_size=8")
+    _run_sharded(script, tmp_path / "fsdp", *lora, "strategy=fsdp", "trainer.devices=2", "data.batch_size=4")
+    one, two = _losses(tmp_path / "single"), _losses(tmp_path / "fsdp")
+    assert sorted(one) == sorted(two) == [0, 1, 2]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-4), (one, two)
+    a1 = load_file(str(tmp_path / "single" / "export" / "adapter_model.safetensors"))
+    a2 = load_file(str(tmp_path / "fsdp" / "export" / "adapter_model.safetensors"))
+    assert a1.keys() == a2.keys() and all("lora_" in k for k in a1)
+    for k in a1:
+        assert (a1[k] - a2[k]).abs().max().item() <= 1e-4, k
