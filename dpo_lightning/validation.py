@@ -75,6 +75,11 @@ def validate_config(cfg: DictConfig, *, training: bool = True) -> None:
         raise ConfigError(f"strategy={kind}: {pretty[kind]} shards the model across CUDA GPUs, but {where}. On CPU "
                           "use strategy=ddp trainer.accelerator=cpu trainer.devices=N (several processes) or "
                           "strategy=auto; for FSDP/DeepSpeed run on GPUs with trainer.accelerator=gpu")
+    if kind in ("fsdp", "model_parallel") and _get(cfg, "strategy.activation_checkpointing") \
+            and _get(cfg, "engine.gradient_checkpointing"):
+        raise ConfigError(f"strategy={kind} checkpoints the decoder layers itself (strategy.activation_checkpointing) "
+                          "and engine.gradient_checkpointing=true would recompute them a second time: set "
+                          "engine.gradient_checkpointing=false (or strategy.activation_checkpointing=false)")
     if kind == "deepspeed" and not _installed("deepspeed"):
         raise ConfigError("strategy=deepspeed_*: DeepSpeed is not installed. Install it with "
                           "pip install 'dpo-lightning[deepspeed]' (or pip install deepspeed) on the GPU machine, "

@@ -128,6 +128,14 @@ def test_trainer_strategy_key_is_refused(no_gpu):
         validate_config(_cfg("+trainer.strategy=ddp"))
 
 
+def test_double_activation_checkpointing_is_refused(gpu):
+    cfg = _cfg("strategy=fsdp", "trainer.accelerator=gpu", "++engine.gradient_checkpointing=true")
+    with pytest.raises(ConfigError, match="engine.gradient_checkpointing=false"):
+        validate_config(cfg)
+    validate_config(_cfg("strategy=fsdp", "trainer.accelerator=gpu", "strategy.activation_checkpointing=false",
+                         "++engine.gradient_checkpointing=true"))
+
+
 def test_cli_refuses_fsdp_on_cpu_before_loading_anything(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dpo_lightning.train", "strategy=fsdp", "trainer.accelerator=cpu",
                           f"paths.output_dir={tmp_path}", "logger=csv"],
