@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from dpo_lightning.inputs import build_inputs
-from dpo_lightning.logprobs import SeqLogps, sequence_logps
+from dpo_lightning.logprobs import SeqLogps, compile_backbone, enable_gradient_checkpointing, sequence_logps
 from dpo_lightning.losses.registry import Loss, LossOutput, get_loss
 from dpo_lightning.models.hf import ModelSpec, load_causal_lm
 from dpo_lightning.models.peft import apply_peft
@@ -46,12 +46,18 @@ class PreferenceLitModule(L.LightningModule):
         full_logits: use the plain path (full logits, for exactness checks); slower, more memory.
         peft: adapter settings (``{"method": "lora", "r": 16, ...}``, see ``models/peft.py``); None = full
             fine-tuning. With adapters the reference defaults to the policy with adapters disabled.
+        gradient_checkpointing: recompute decoder-layer activations in backward (less memory, ~1/3 slower).
+        compile: ``torch.compile`` the decoder layers of policy and reference (same results, faster steps
+            after a one-time compilation).
+        softmax_cache_mb: MiB of LM-head softmax kept from forward to backward, so those tokens skip the
+            logits recompute (0 = always recompute; see ``logprobs.py``).
     """
 
     def __init__(self, model: ModelSpec | dict | str | None = None, loss: Loss | dict | str = "sigmoid",
                  reference: ReferenceSpec | dict | None = None, optimizer: OptimizerSpec | dict | None = None,
                  scheduler: SchedulerSpec | dict | None = None, chunk_size: int = 1024, full_logits: bool = False,
-                 peft: dict | None = None):
+                 peft: dict | None = None, gradient_checkpointing: bool = False, compile: bool = False,
+                 softmax_cache_mb: float = 512):
         super().__init__()
         self.model_spec = _as(ModelSpec, model)
         if isinstance(loss, str):
@@ -63,19 +69,31 @@ class PreferenceLitModule(L.LightningModule):
         self.optimizer_spec = _as(OptimizerSpec, optimizer)
         self.scheduler_spec = _as(SchedulerSpec, scheduler)
         self.chunk_size, self.full_logits = chunk_size, full_logits
+        self.gradient_checkpointing, self.compile, self.softmax_cache_mb = gradient_checkpointing, compile, softmax_cache_mb
         self.save_hyperparameters({
             "model": asdict(self.model_spec), "loss": {"name": loss.name, **loss.hparams},
             "reference": asdict(self.reference_spec), "optimizer": asdict(self.optimizer_spec),
             "scheduler": asdict(self.scheduler_spec), "chunk_size": chunk_size, "full_logits": full_logits,
-            "peft": dict(peft) if peft else None,
+            "peft": dict(peft) if peft else None, "gradient_checkpointing": gradient_checkpointing,
+            "compile": compile, "softmax_cache_mb": softmax_cache_mb,
         })
         self.peft_settings = dict(peft) if peft else None
         self.policy = apply_peft(load_causal_lm(self.model_spec), self.peft_settings)
         self.reference_mode = self.reference_spec.resolve_mode(
             loss.requires_reference, hasattr(self.policy, "disable_adapter"))
         if self.reference_spec.precompute and loss.requires_reference:
-            self.reference_mode = "cached"
+            if getattr(loss, "needs_kl_pairs", False):
+                raise ValueError(f"reference.precompute=true cannot serve loss {loss.name!r}: its KL rows pair "
+                                 "prompt i with completion i-1 of the same batch; set reference.precompute=false")
+            self.reference_mode = "cached"  # precomputed in setup() (reference_cache.py)
         self.reference = build_reference(self.reference_mode, self.reference_spec, self.model_spec, self.policy)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
+        if compile:
+            for m in (self.policy, self.reference):
+                if m is not None:
+                    compile_backbone(m)
+        self._policy_trained = False
         self.policy.train()
         self.strict_loading = False  # reference weights are not checkpointed (see on_save_checkpoint)
         self.loss_state: dict[str, Any] = {}
@@ -90,7 +108,7 @@ class PreferenceLitModule(L.LightningModule):
     # ---------------------------------------------------------------- forward
     def policy_logps(self, batch: dict[str, Any]) -> SeqLogps:
         return sequence_logps(self.policy, batch, batch["num_sequences"], chunk_size=self.chunk_size,
-                              full_logits=self.full_logits,
+                              full_logits=self.full_logits, softmax_cache_mb=self.softmax_cache_mb,
                               want_sq=bool(self.loss_fn.hparams.get("use_weighting")))
 
     @torch.no_grad()
@@ -108,8 +126,8 @@ class PreferenceLitModule(L.LightningModule):
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[LossOutput, dict[str, torch.Tensor]]:
         """Loss output and the logged metrics (TRL names, without split prefix) for one batch."""
+        reference = self.reference_logps(batch)  # first: its temporaries are freed before the policy's graph
         policy = self.policy_logps(batch)
-        reference = self.reference_logps(batch)
         inputs, metrics = build_inputs(self.loss_fn, policy, reference, batch)
         inputs.state = self.loss_state
         out = self.loss_fn(inputs)
@@ -123,6 +141,20 @@ class PreferenceLitModule(L.LightningModule):
             metrics["rewards/margins"] = (out.chosen_rewards - out.rejected_rewards).mean()
         metrics.update({k: v.detach() for k, v in out.metrics.items()})
         return out, metrics
+
+    # ---------------------------------------------------------------- reference precompute
+    def setup(self, stage: str) -> None:
+        """``reference.precompute``: fill the datamodule's rows with cached reference log-probs (computed
+        once with the initial weights, before any dataloader exists; ``reference_cache.py``)."""
+        if self.reference_mode == "cached":
+            from dpo_lightning.reference_cache import precompute_reference
+
+            for info in precompute_reference(self, self.trainer.datamodule):
+                how = "loaded from" if info["hit"] else f"computed in {info['seconds']:.1f}s, saved to"
+                print(f"[dpo_lightning] reference log-probs for {info['rows']} rows {how} {info['path']}")
+
+    def on_train_start(self) -> None:
+        self._policy_trained = True
 
     # ---------------------------------------------------------------- steps
     def _batch_size(self, batch) -> int:
@@ -148,6 +180,12 @@ class PreferenceLitModule(L.LightningModule):
                       sync_dist=True, batch_size=self._batch_size(batch))
 
     # ---------------------------------------------------------------- optim
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """Step, then drop the gradients at once (as Hugging Face's Trainer does) rather than at the next
+        backward, so they do not sit in memory through the next forward."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = self.optimizer_spec.build(params)

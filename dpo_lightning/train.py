@@ -45,7 +45,8 @@ def build(cfg: DictConfig, *, with_trainer: bool = True) -> dict[str, Any]:
     module = PreferenceLitModule(model_spec, loss=loss, reference=reference,
                                  optimizer=instantiate(cfg.optimizer, _convert_="all"),
                                  scheduler=instantiate(cfg.scheduler, _convert_="all"),
-                                 peft=OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None)
+                                 peft=OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None,
+                                 **(OmegaConf.to_container(cfg.engine, resolve=True) if cfg.get("engine") else {}))
     out = {"model_spec": model_spec, "loss": loss, "datamodule": datamodule, "module": module}
     if with_trainer:
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
