@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -22,11 +21,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from dpo_lightning.data.collate import PreferenceCollator, UnpairedCollator
+from dpo_lightning.data.collate import PreferenceCollator, UnpairedCollator, check_layout
 from dpo_lightning.data.formats import DataError, load_records, normalize, pairs_to_unpaired
+from dpo_lightning.data.sampler import LengthGroupedSampler, ResumableDataLoader
 from dpo_lightning.data.tokenize import TruncationConfig, tokenize_records
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -55,39 +55,41 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], tokenizer, cfg: 
 
 def tokenize_cached(records: list[dict], tokenizer, cfg: TruncationConfig, *, num_proc: int = 1,
                     cache_dir: str | Path | None = None) -> tuple[list[dict], Counter]:
-    """Tokenize (in ``num_proc`` processes) with an on-disk cache; returns (rows, dropped by reason)."""
-    import datasets
+    """Tokenize (in ``num_proc`` processes) with an on-disk cache; returns (rows, dropped by reason).
 
+    The cache holds the kept rows as one JSON file (written atomically), so a cache hit reads it without
+    importing ``datasets`` (which only runs the multi-process tokenization on a miss).
+    """
     key = hashlib.sha256(json.dumps([CACHE_VERSION, records, tokenizer_fingerprint(tokenizer), cfg.__dict__],
                                     sort_keys=True, default=str).encode()).hexdigest()[:20]
     root = Path(cache_dir) if cache_dir else Path(os.environ.get(
         "DPO_LIGHTNING_CACHE", Path.home() / ".cache" / "dpo_lightning")) / "tokenized"
-    path = root / key
-    if not (path / "dropped.json").exists():
+    path = root / f"{key}.json"
+    if not path.exists():
+        import datasets
+
         ds = datasets.Dataset.from_dict({"row": [json.dumps(r) for r in records]})
         ds = ds.map(_tokenize_batch, batched=True, with_indices=True, num_proc=num_proc if num_proc > 1 else None,
                     fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, remove_columns=["row"],
                     desc="Tokenizing", load_from_cache_file=False)
         dropped = Counter(d for d in ds["drop"] if d)
-        ds = ds.filter(lambda d: not d, input_columns="drop")
+        kept = [[r["index"], r["prompt_ids"], r["a_ids"], r["b_ids"], r["label"]]
+                for r in ds.to_list() if not r["drop"]]
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-        ds.save_to_disk(str(tmp / "data"))
-        (tmp / "dropped.json").write_text(json.dumps(dropped))
-        try:
-            tmp.rename(path)
-        except OSError:  # a concurrent run wrote the same key
-            shutil.rmtree(tmp, ignore_errors=True)
-    ds = datasets.load_from_disk(str(path / "data"))
-    dropped = Counter(json.loads((path / "dropped.json").read_text()))
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"dropped": dropped, "rows": kept}, f, separators=(",", ":"))
+        os.replace(tmp, path)  # atomic; a concurrent run writing the same key writes the same content
+    blob = json.loads(path.read_text())
+    dropped = Counter(blob["dropped"])
     paired = "chosen" in records[0]
     rows = []
-    for r in ds.to_list():
-        row = {"index": r["index"], "prompt_ids": r["prompt_ids"]}
+    for index, prompt_ids, a_ids, b_ids, label in blob["rows"]:
+        row = {"index": index, "prompt_ids": prompt_ids}
         if paired:
-            row["chosen_ids"], row["rejected_ids"] = r["a_ids"], r["b_ids"]
+            row["chosen_ids"], row["rejected_ids"] = a_ids, b_ids
         else:
-            row["completion_ids"], row["label"] = r["a_ids"], r["label"]
+            row["completion_ids"], row["label"] = a_ids, label
         rows.append(row)
     return rows, dropped
 
@@ -103,6 +105,12 @@ class PreferenceDataModule(L.LightningDataModule):
         paired: False turns pairs into (prompt, completion, label) rows for unpaired losses (KTO);
             None keeps the data's own kind.
         kl_pairs: add TRL KTO's mismatched (prompt i, completion i-1) rows to unpaired batches.
+        layout: how a batch's sequences are laid out for the model (``collate.py``): ``prefix_shared``
+            (default: each prompt computed once for both completions), ``packed`` (the same, padding-free),
+            ``packed_unshared`` (padding-free, for flash-attention varlen) or ``plain`` (TRL's layout).
+            Every layout gives the same log-probs and gradients.
+        group_by_length: batch rows of similar length together (seeded, a permutation of the data, rank-aware,
+            resumable; ``sampler.py``). False: a plain seeded shuffle.
     """
 
     def __init__(self, path: str, tokenizer: Any, *, val_path: str | None = None, val_fraction: float = 0.0,
@@ -110,7 +118,8 @@ class PreferenceDataModule(L.LightningDataModule):
                  eval_batch_size: int | None = None, max_length: int | None = 512,
                  max_prompt_length: int | None = None, truncation_mode: str = "keep_start",
                  paired: bool | None = None, kl_pairs: bool = False, num_proc: int = 1, num_workers: int = 0,
-                 cache_dir: str | None = None, seed: int = 42, pad_to_multiple_of: int | None = None):
+                 cache_dir: str | None = None, seed: int = 42, pad_to_multiple_of: int | None = None,
+                 layout: str = "prefix_shared", group_by_length: bool = True):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
@@ -123,6 +132,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.paired, self.kl_pairs = paired, kl_pairs
         self.num_proc, self.num_workers, self.cache_dir, self.seed = num_proc, num_workers, cache_dir, seed
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.layout, self.group_by_length = check_layout(layout), group_by_length
         self._tokenizer = tokenizer
         self.train_rows: list[dict] | None = None
         self.val_rows: list[dict] = []
@@ -175,16 +185,34 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.dropped:
             print(f"[dpo_lightning] dropped rows by reason: {dict(self.dropped)}")
 
-    def collator(self):
+    def collator(self, layout: str | None = None):
         pad = self.tokenizer.pad_token_id
+        layout = layout or self.layout
         if self.train_rows and "completion_ids" in self.train_rows[0]:
-            return UnpairedCollator(pad, self.pad_to_multiple_of, kl_pairs=self.kl_pairs)
-        return PreferenceCollator(pad, self.pad_to_multiple_of)
+            return UnpairedCollator(pad, self.pad_to_multiple_of, kl_pairs=self.kl_pairs, layout=layout)
+        return PreferenceCollator(pad, self.pad_to_multiple_of, layout=layout)
+
+    def row_lengths(self, rows: list[dict]) -> list[int]:
+        """Tokens each row puts through the model in this layout (the sampler's grouping key)."""
+        def length(r):
+            p = len(r["prompt_ids"])
+            comps = ([r["chosen_ids"], r["rejected_ids"]] if "chosen_ids" in r else [r["completion_ids"]] * (
+                2 if self.kl_pairs else 1))
+            if self.layout == "plain":
+                return p + max(len(c) for c in comps)
+            if self.layout == "packed_unshared":
+                return sum(p + len(c) for c in comps)
+            return p + sum(len(c) for c in comps)
+        return [length(r) for r in rows]
 
     def _loader(self, rows: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=self.collator(),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        if not shuffle:
+            return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=self.collator(),
+                              num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        sampler = LengthGroupedSampler(self.row_lengths(rows), batch_size, seed=self.seed,
+                                       group_by_length=self.group_by_length)
+        return ResumableDataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=self.collator(),
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_rows, self.batch_size, shuffle=True)
