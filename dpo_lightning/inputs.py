@@ -29,6 +29,22 @@ def reduce_logps(out: SeqLogps, num_pairs: int | None, ld_alpha: float | None) -
     return out.token_logps.new_zeros(lengths.numel()).index_add(0, out.seq, out.token_logps * weight)
 
 
+def batch_reference(batch: dict[str, Any], key: str, lengths: torch.Tensor, ld_alpha: float | None,
+                    length_normalized: bool) -> torch.Tensor:
+    """Precomputed reference values of ``batch[key]`` (sums over completion tokens), finished the way
+    ``build_inputs`` finishes a live reference: LD-DPO's shared + alpha * tail from ``<key>_shared`` sums,
+    then the length normalization the loss asks for."""
+    ref = batch[key].float()
+    if ld_alpha is not None:
+        shared_key = key.replace("_logps", "_shared_logps")
+        if shared_key not in batch:
+            raise KeyError(f"ld_alpha needs {shared_key!r} next to {key!r} in the batch (reference_cache.py "
+                           "stores both)")
+        shared = batch[shared_key].float()
+        ref = shared + float(ld_alpha) * (ref - shared)
+    return ref / lengths.clamp(min=1) if length_normalized else ref
+
+
 def wpo_weights(out: SeqLogps) -> torch.Tensor:
     """WPO (Zhou et al. 2024, arXiv:2406.11827, Eq. 2) per-sequence weights [S], no grad:
     exp(mean over tokens of log p - log sum_v p_v^2), as TRL 1.16 computes them."""
@@ -59,7 +75,9 @@ def build_inputs(loss: Loss, policy: SeqLogps, reference: SeqLogps | None,
         if ref is not None:
             x.ref_chosen_logps, x.ref_rejected_logps = ref[:B], ref[B:2 * B]
         elif "ref_chosen_logps" in batch:
-            x.ref_chosen_logps, x.ref_rejected_logps = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            x.ref_chosen_logps, x.ref_rejected_logps = (
+                batch_reference(batch, f"ref_{k}_logps", lens, ld_alpha, loss.length_normalized)
+                for k, lens in (("chosen", lengths[:B]), ("rejected", lengths[B:2 * B])))
         chosen_tokens = policy.seq < B
         x.chosen_nll = -policy.token_logps[chosen_tokens].mean()
         if loss.hparams.get("use_weighting"):
@@ -79,7 +97,7 @@ def build_inputs(loss: Loss, policy: SeqLogps, reference: SeqLogps | None,
             if ref.numel() >= 2 * B:
                 x.ref_kl_logps = ref[B:2 * B]
         elif "ref_logps" in batch:
-            x.ref_logps = batch["ref_logps"]
+            x.ref_logps = batch_reference(batch, "ref_logps", lengths[:B], None, loss.length_normalized)
             x.ref_kl_logps = batch.get("ref_kl_logps")
         for name, sel in (("chosen", labels), ("rejected", ~labels)):
             rows = sel.nonzero(as_tuple=True)[0]

@@ -1,0 +1,300 @@
+"""Precomputed reference log-probs: one pass before training, cached on disk, reused by later runs and sweeps.
+
+    reference.precompute=true   ->  PreferenceLitModule(reference_mode="cached") calls ``precompute_reference``
+                                    from its ``setup`` hook, before any dataloader exists
+
+Per row it stores what any loss of the registry can need, so one cache serves every loss and ``ld_alpha``:
+
+    paired    ref_chosen_logps, ref_rejected_logps               sums over the completion tokens
+              ref_chosen_shared_logps, ref_rejected_shared_logps sums over the first min(len chosen,
+                                                                  len rejected) tokens (LD-DPO's shared part)
+    unpaired  ref_logps                                          (KTO/BCO without KL rows)
+
+Length normalization and LD-DPO's ``shared + alpha * (sum - shared)`` are applied later from these sums and
+the batch's lengths (``inputs.py``), exactly as for a live reference.
+
+The cache key hashes everything the values depend on: the reference weights (every tensor's bytes, or for
+models over ``HASH_TENSOR_LIMIT`` bytes the weight files' content ids), the tokenizer fingerprint (vocabulary,
+merges, special tokens, chat template), the truncation settings and the tokenized rows themselves (ids of
+prompt and completions, in order; the layout is irrelevant). Change any of them and the values are recomputed;
+keep them all and a second run (or every job of a sweep) loads the file instead. Files are written atomically
+(temp file + rename) under ``<cache_dir>/reference/<key>.pt``.
+
+KTO's KL rows pair prompt i with completion i-1 *of the same batch*: their reference values depend on how the
+data is batched, so they cannot be precomputed; that combination is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpo_lightning.logprobs import sequence_logps
+
+CACHE_VERSION = "1"
+HASH_TENSOR_LIMIT = 4 * 2**30  # above this many bytes of weights, hash the weight files instead
+PAIRED_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_shared_logps", "ref_rejected_shared_logps")
+UNPAIRED_KEYS = ("ref_logps",)
+
+
+class PrecomputeError(ValueError):
+    """Reference log-probs cannot be precomputed for this setup."""
+
+
+# ------------------------------------------------------------------ fingerprints
+def _update_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if not t.numel():
+        return
+    flat = t.reshape(-1).view(torch.uint8)
+    step = 1 << 26  # 64 MiB slices keep peak memory flat
+    for s in range(0, flat.numel(), step):
+        h.update(flat[s:s + step].numpy())
+
+
+def weights_fingerprint(model: torch.nn.Module, *, source: str | None = None,
+                        exclude: tuple[str, ...] = ("lora_", "modules_to_save")) -> str:
+    """A hash of a model's weights (names, dtypes, shapes, bytes); LoRA weights excluded (the reference is
+    the base model). Over ``HASH_TENSOR_LIMIT`` bytes, with a local ``source`` folder: the weight files."""
+    h = hashlib.sha256()
+    state = {k: v for k, v in model.state_dict().items()
+             if torch.is_tensor(v) and not any(x in k for x in exclude)}
+    nbytes = sum(v.numel() * v.element_size() for v in state.values())
+    if nbytes > HASH_TENSOR_LIMIT and source and Path(source).is_dir():
+        dtypes = sorted({str(v.dtype) for v in state.values()})
+        h.update(json.dumps(["files", dtypes, sorted((k, list(v.shape)) for k, v in state.items())]).encode())
+        h.update(_files_fingerprint(Path(source)).encode())
+        return h.hexdigest()
+    for k in sorted(state):
+        v = state[k]
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        _update_tensor(h, v)
+    return h.hexdigest()
+
+
+def _files_fingerprint(folder: Path) -> str:
+    """Content ids of a model folder's weight files and config: a Hugging Face cache stores weights as
+    content-addressed blobs (the symlink target's name is the file's sha256); other files are hashed."""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.suffix not in (".safetensors", ".bin", ".json") or not f.is_file():
+            continue
+        target = f.resolve()
+        if f.is_symlink() and target.parent.name == "blobs":
+            h.update(f"{f.name}|{target.name}".encode())
+            continue
+        h.update(f.name.encode())
+        with open(target, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def rows_fingerprint(rows: list[dict[str, Any]]) -> str:
+    """A hash of the tokenized rows (prompt and completion ids, in order), independent of batch layout."""
+    h = hashlib.sha256()
+    for r in rows:
+        comps = (r["chosen_ids"], r["rejected_ids"]) if "chosen_ids" in r else (r["completion_ids"],)
+        h.update(json.dumps([r["prompt_ids"], *comps]).encode())
+    return h.hexdigest()
+
+
+def cache_key(*, weights: str, tokenizer: str, truncation: dict[str, Any], rows: str) -> str:
+    return hashlib.sha256(json.dumps([CACHE_VERSION, weights, tokenizer, truncation, rows],
+                                     sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_root(cache_dir: str | Path | None) -> Path:
+    base = Path(cache_dir) if cache_dir else Path(os.environ.get(
+        "DPO_LIGHTNING_CACHE", Path.home() / ".cache" / "dpo_lightning"))
+    return base / "reference"
+
+
+# ------------------------------------------------------------------ computation
+@torch.no_grad()
+def compute_reference_logps(model: torch.nn.Module, rows: list[dict[str, Any]], collator, *,
+                            batch_size: int = 16, chunk_size: int = 1024,
+                            device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Reference sums for every row (see the module docstring), one no-grad pass in length order."""
+    paired = "chosen_ids" in rows[0]
+    if not paired and getattr(collator, "kl_pairs", False):
+        raise PrecomputeError("reference.precompute cannot serve KTO's KL rows (prompt i with completion i-1 "
+                              "of the same batch depend on the batching); set reference.precompute=false")
+    keys = PAIRED_KEYS if paired else UNPAIRED_KEYS
+    out = {k: torch.zeros(len(rows), dtype=torch.float64) for k in keys}
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    def cost(i):
+        r = rows[i]
+        return len(r["prompt_ids"]) + (len(r["chosen_ids"]) + len(r["rejected_ids"]) if paired
+                                       else len(r["completion_ids"]))
+    order = sorted(range(len(rows)), key=cost, reverse=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            batch = collator([rows[i] for i in idx])
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            res = sequence_logps(model, batch, batch["num_sequences"], chunk_size=chunk_size)
+            B, tok = len(idx), res.token_logps.double()
+            sums = res.logps.double().cpu()
+            ix = torch.tensor(idx)
+            if paired:
+                shared = torch.minimum(res.lengths[:B], res.lengths[B:2 * B])
+                shared = torch.cat([shared, shared])
+                w = (res.pos <= shared[res.seq]).double()
+                shared_sums = tok.new_zeros(2 * B).index_add(0, res.seq, tok * w).cpu()
+                out["ref_chosen_logps"][ix], out["ref_rejected_logps"][ix] = sums[:B], sums[B:2 * B]
+                out["ref_chosen_shared_logps"][ix] = shared_sums[:B]
+                out["ref_rejected_shared_logps"][ix] = shared_sums[B:2 * B]
+            else:
+                out["ref_logps"][ix] = sums[:B]
+    finally:
+        model.train(was_training)
+    return {k: v.float() for k, v in out.items()}
+
+
+def save_atomic(path: Path, values: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save({"values": values, "meta": meta}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(path: Path, n_rows: int) -> dict[str, torch.Tensor] | None:
+    try:
+        blob = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError):
+        return None
+    values = blob.get("values", {}) if isinstance(blob, dict) else {}
+    if not values or any(v.numel() != n_rows for v in values.values()):
+        return None
+    return values
+
+
+def attach(rows: list[dict[str, Any]], values: dict[str, torch.Tensor]) -> None:
+    """Write the per-row values into the row dicts (the collators copy them into batches)."""
+    cols = {k: v.tolist() for k, v in values.items()}
+    for i, r in enumerate(rows):
+        for k, col in cols.items():
+            r[k] = col[i]
+
+
+def cached_reference_logps(rows: list[dict[str, Any]], model: torch.nn.Module, collator, *, weights: str,
+                           tokenizer: str, truncation: dict[str, Any], cache_dir: str | Path | None = None,
+                           batch_size: int = 16, chunk_size: int = 1024, device=None,
+                           is_writer: bool = True, barrier=None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load the rows' reference values from the cache, or compute and save them. Returns (values, info)."""
+    key = cache_key(weights=weights, tokenizer=tokenizer, truncation=truncation, rows=rows_fingerprint(rows))
+    path = cache_root(cache_dir) / f"{key}.pt"
+    info: dict[str, Any] = {"key": key, "path": str(path), "rows": len(rows)}
+    values = load(path, len(rows)) if path.exists() else None
+    if values is None and not is_writer and barrier is not None:
+        barrier()  # the writer rank computes; the others wait and read its file
+        values = load(path, len(rows)) if path.exists() else None
+        barrier = None
+    if values is not None:
+        info.update(hit=True, seconds=0.0)
+        if barrier is not None:
+            barrier()
+        return values, info
+    t0 = time.perf_counter()
+    values = compute_reference_logps(model, rows, collator, batch_size=batch_size, chunk_size=chunk_size,
+                                     device=device)
+    info.update(hit=False, seconds=time.perf_counter() - t0)
+    if is_writer:
+        save_atomic(path, values, {"weights": weights, "tokenizer": tokenizer, "truncation": truncation,
+                                   "rows": len(rows), "version": CACHE_VERSION})
+    if barrier is not None:
+        barrier()
+    return values, info
+
+
+# ------------------------------------------------------------------ the module's hook
+def precompute_reference(module, datamodule) -> list[dict[str, Any]]:
+    """Fill ``ref_*`` into the datamodule's train and validation rows for a ``cached`` reference.
+
+    The reference is the policy's initial weights (the policy itself, before any step: no copy), the
+    policy with LoRA adapters disabled, or a separately loaded model (``reference.name_or_path``, a lower
+    ``reference.dtype``, quantization) that is freed right after. Returns one info dict per row set.
+    """
+    from dpo_lightning.data.datamodule import tokenizer_fingerprint
+    from dpo_lightning.reference import adapters_disabled, build_reference
+
+    if datamodule is None or not hasattr(datamodule, "train_rows"):
+        raise PrecomputeError("reference.precompute needs a PreferenceDataModule (trainer.fit(module, "
+                              "datamodule=...)) to read the rows from")
+    if datamodule.train_rows is None:
+        datamodule.setup("fit")
+    if getattr(datamodule, "kl_pairs", False):
+        raise PrecomputeError("reference.precompute cannot serve KTO's KL rows (prompt i with completion i-1 "
+                              "of the same batch depend on the batching); set reference.precompute=false")
+    row_sets = [rows for rows in (datamodule.train_rows, datamodule.val_rows) if rows]
+    keys = PAIRED_KEYS if "chosen_ids" in row_sets[0][0] else UNPAIRED_KEYS
+    todo = [rows for rows in row_sets if any(k not in rows[0] for k in keys)]
+    if not todo:
+        return []
+    spec = module.reference_spec
+    separate = bool(spec.name_or_path or spec.dtype or spec.quantization)
+    if not separate and getattr(module, "_policy_trained", False):
+        raise PrecomputeError("the reference is the policy's initial weights, but the policy has been trained "
+                              "since; precompute before training (rows without cached reference values)")
+    trainer = getattr(module, "_trainer", None)
+    device = trainer.strategy.root_device if trainer is not None else next(module.policy.parameters()).device
+    is_writer = trainer is None or trainer.is_global_zero
+    barrier = (lambda: trainer.strategy.barrier("reference_cache")) if (
+        trainer is not None and trainer.world_size > 1) else None
+    ctx: Any = contextlib.nullcontext()
+    if separate:
+        mode = "model" if spec.name_or_path else "copy"
+        model = build_reference(mode, spec, module.model_spec, module.policy)
+        source = spec.name_or_path or module.model_spec.name_or_path
+    else:
+        model, source = module.policy, module.model_spec.name_or_path
+        if hasattr(model, "disable_adapter"):
+            ctx = adapters_disabled(model)
+    from dpo_lightning.models.hf import resolve_path
+
+    try:
+        source = resolve_path(type(module.model_spec)(**{**module.model_spec.__dict__, "name_or_path": source}))
+    except Exception:  # noqa: BLE001 - only a hint for the file-based fingerprint of huge models
+        source = None
+    home = next(model.parameters()).device
+    model.to(device)
+    infos = []
+    try:
+        with ctx:
+            weights = weights_fingerprint(model, source=source)
+            collator = datamodule.collator()
+            for rows in todo:
+                values, info = cached_reference_logps(
+                    rows, model, collator, weights=weights, tokenizer=tokenizer_fingerprint(datamodule.tokenizer),
+                    truncation=dict(datamodule.truncation.__dict__), cache_dir=datamodule.cache_dir,
+                    batch_size=max(datamodule.eval_batch_size, datamodule.batch_size),
+                    chunk_size=getattr(module, "chunk_size", 1024), device=device, is_writer=is_writer,
+                    barrier=barrier)
+                attach(rows, values)
+                infos.append(info)
+    finally:
+        if separate:
+            del model
+        else:
+            model.to(home)
+    return infos
