@@ -131,11 +131,10 @@ class PreferenceLitModule(L.LightningModule):
         inputs, metrics = build_inputs(self.loss_fn, policy, reference, batch)
         inputs.state = self.loss_state
         out = self.loss_fn(inputs)
-        metrics.update({
-            "loss": out.loss.detach(),
-            "rewards/chosen": out.chosen_rewards.mean(),
-            "rewards/rejected": out.rejected_rewards.mean(),
-        })
+        metrics["loss"] = out.loss.detach()
+        for name, rewards in (("chosen", out.chosen_rewards), ("rejected", out.rejected_rewards)):
+            if rewards.numel():  # unpaired batches may hold only desirable (or undesirable) rows
+                metrics[f"rewards/{name}"] = rewards.mean()
         if self.loss_fn.paired:
             metrics["rewards/accuracies"] = (out.chosen_rewards > out.rejected_rewards).float().mean()
             metrics["rewards/margins"] = (out.chosen_rewards - out.rejected_rewards).mean()

@@ -92,6 +92,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for cb in objs["callbacks"]:
         if hasattr(cb, "summary"):
             summary.update({f"train/{k}": v for k, v in cb.summary.items()})
+        if getattr(cb, "path", None):
+            summary["training_curves"] = str(cb.path)
         if getattr(cb, "best_model_path", None):
             summary["best_checkpoint"] = cb.best_model_path
             summary["last_checkpoint"] = cb.last_model_path
