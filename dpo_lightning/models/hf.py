@@ -103,7 +103,12 @@ def load_causal_lm(spec: ModelSpec, *, device_map: Any = None):
 
 
 def _default_device() -> str:
-    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    """This process's device: under DDP/torchrun each rank loads its quantized copy on its own GPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    import os
+
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
