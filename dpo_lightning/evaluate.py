@@ -42,7 +42,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm = instantiate(cfg.data, _partial_=True, _convert_="all")(
         tokenizer=model_spec, paired=loss.paired, kl_pairs=bool(getattr(loss, "needs_kl_pairs", False)))
     module = PreferenceLitModule(model_spec, loss=loss, reference=instantiate(cfg.reference, _convert_="all"),
-                                 peft=OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None)
+                                 peft=OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None,
+                                 **(OmegaConf.to_container(cfg.engine, resolve=True) if cfg.get("engine") else {}))
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
                           enable_model_summary=False, strategy=build_strategy(cfg.get("strategy")))
     dm.setup("validate")

@@ -138,6 +138,10 @@ class PreferenceLitModule(L.LightningModule):
         if self.loss_fn.paired:
             metrics["rewards/accuracies"] = (out.chosen_rewards > out.rejected_rewards).float().mean()
             metrics["rewards/margins"] = (out.chosen_rewards - out.rejected_rewards).mean()
+        elif "pair" in batch:  # unpaired rows split from pairs: accuracy over pairs complete in the batch
+            accuracy = pair_accuracy(out, batch["label"].bool(), batch["pair"])
+            if accuracy is not None:
+                metrics["rewards/accuracies"] = accuracy
         metrics.update({k: v.detach() for k, v in out.metrics.items()})
         return out, metrics
 
@@ -204,3 +208,17 @@ class PreferenceLitModule(L.LightningModule):
         if missing:
             raise KeyError(f"checkpoint lacks policy weights, e.g. {missing[:3]}; was it saved by this module?")
         self.loss_state.update(checkpoint.get("loss_state", {}))
+
+
+def pair_accuracy(out: LossOutput, labels: torch.Tensor, pair: torch.Tensor) -> torch.Tensor | None:
+    """Share of pairs whose desirable row out-rewards its undesirable row, over pairs with both rows here.
+
+    Unpaired losses return the rewards of desirable rows then undesirable rows, each in batch order.
+    """
+    rewards = out.chosen_rewards.new_empty(labels.numel())
+    rewards[labels], rewards[~labels] = out.chosen_rewards, out.rejected_rewards
+    good, bad = labels.nonzero(as_tuple=True)[0], (~labels).nonzero(as_tuple=True)[0]
+    gi, bi = (pair[good][:, None] == pair[bad][None, :]).nonzero(as_tuple=True)  # matching pair ids
+    if gi.numel() == 0:
+        return None
+    return (rewards[good[gi]] > rewards[bad[bi]]).float().mean()

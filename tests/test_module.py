@@ -144,3 +144,32 @@ def test_unknown_loss_and_hparam_are_rejected():
 
 def test_logsigmoid_identity():  # guards the loss's numerics for large margins
     assert torch.isfinite(F.logsigmoid(torch.tensor([-1e4, 1e4]))).all()
+
+
+def test_kto_loaders_never_yield_a_single_row_batch(default_data_path, tiny_path):
+    """KTO's KL estimate needs two rows: train drops a trailing single row, validation merges it."""
+    dm = PreferenceDataModule(default_data_path, str(tiny_path), batch_size=3, max_length=64, paired=False,
+                              kl_pairs=True, val_fraction=0.1)
+    dm.setup("fit")
+    n_val = len(dm.val_rows)
+    dm.eval_batch_size = n_val - 1 if n_val % 2 else n_val // 2 + 1  # forces a would-be single trailing row
+    val_sizes = [b["index"].numel() for b in dm.val_dataloader()]
+    assert min(val_sizes) >= 2 and sum(val_sizes) == n_val
+    assert min(b["index"].numel() for b in dm.train_dataloader()) >= 2
+
+
+def test_unpaired_loss_scores_accuracy_on_pairs_split_into_rows(default_data_path, tiny_path):
+    """KTO trains on pairs split into rows; validation still reports reward accuracy on whole pairs."""
+    torch.manual_seed(0)
+    m = PreferenceLitModule(str(tiny_path), loss=get_loss("kto", beta=0.1), optimizer={"lr": 1e-3})
+    dm = PreferenceDataModule(default_data_path, str(tiny_path), batch_size=8, max_length=64, paired=False,
+                              kl_pairs=True, val_fraction=0.1)
+    dm.setup("fit")
+    pairs = lambda rows: {r["index"] // 2 for r in rows}  # noqa: E731
+    assert not pairs(dm.train_rows) & pairs(dm.val_rows)  # whole pairs are held out
+    trainer = L.Trainer(max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    before = trainer.validate(m, datamodule=dm, verbose=False)[0]
+    trainer.fit(m, datamodule=dm)
+    after = trainer.validate(m, datamodule=dm, verbose=False)[0]
+    assert before["val/rewards/accuracies"] == 0.0 and after["val/rewards/accuracies"] > 0.6

@@ -189,6 +189,7 @@ class UnpairedCollator:
     pad_to_multiple_of: int | None = None
     kl_pairs: bool = False
     layout: str = "plain"
+    from_pairs: bool = False  # rows 2i, 2i+1 are pair i's chosen and rejected: batches carry ``pair`` ids
 
     def __post_init__(self):
         check_layout(self.layout)
@@ -200,7 +201,10 @@ class UnpairedCollator:
             completions.append(completions[0][-1:] + completions[0][:-1])
         batch = layout_batch(self.layout, prompts, completions, self.pad_token_id, self.pad_to_multiple_of)
         batch["label"] = torch.tensor([bool(r["label"]) for r in rows])
-        return _add_common(batch, rows)
+        batch = _add_common(batch, rows)
+        if self.from_pairs:  # lets the module score reward accuracy on pairs whose two rows share a batch
+            batch["pair"] = batch["index"] // 2
+        return batch
 
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_shared_logps", "ref_rejected_shared_logps",

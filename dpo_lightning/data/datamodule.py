@@ -135,6 +135,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.layout, self.group_by_length = check_layout(layout), group_by_length
         self._tokenizer = tokenizer
         self.train_rows: list[dict] | None = None
+        self.from_pairs = False  # set when paired data was split into unpaired rows
         self.val_rows: list[dict] = []
         self.dropped: Counter = Counter()
 
@@ -154,7 +155,8 @@ class PreferenceDataModule(L.LightningDataModule):
             raise DataError(f"{source}: the loss needs paired rows (prompt/chosen/rejected); this file has "
                             "unpaired rows (prompt/completion/label)")
         if self.paired is False and is_paired:
-            records = pairs_to_unpaired(records)
+            records = pairs_to_unpaired(records)  # rows 2i, 2i+1: pair i's chosen and rejected
+            self.from_pairs = True
         return records
 
     def _tokenize(self, records: list[dict], source: str) -> list[dict]:
@@ -175,11 +177,14 @@ class PreferenceDataModule(L.LightningDataModule):
             self.train_rows = rows
             self.val_rows = self._tokenize(self._records(self.val_path, self.val_split), self.val_path)
         elif self.val_fraction > 0:
+            # hold out whole pairs: the two rows of a split pair never straddle train and validation
+            group = [r["index"] // 2 if self.from_pairs else r["index"] for r in rows]
+            keys = sorted(set(group))
             g = torch.Generator().manual_seed(self.seed)
-            order = torch.randperm(len(rows), generator=g).tolist()
-            n_val = max(1, int(round(self.val_fraction * len(rows))))
-            self.val_rows = [rows[i] for i in sorted(order[:n_val])]
-            self.train_rows = [rows[i] for i in sorted(order[n_val:])]
+            order = torch.randperm(len(keys), generator=g).tolist()
+            held = {keys[i] for i in order[: max(1, int(round(self.val_fraction * len(keys))))]}
+            self.val_rows = [r for r, k in zip(rows, group) if k in held]
+            self.train_rows = [r for r, k in zip(rows, group) if k not in held]
         else:
             self.train_rows = rows
         if self.dropped:
@@ -189,7 +194,8 @@ class PreferenceDataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         layout = layout or self.layout
         if self.train_rows and "completion_ids" in self.train_rows[0]:
-            return UnpairedCollator(pad, self.pad_to_multiple_of, kl_pairs=self.kl_pairs, layout=layout)
+            return UnpairedCollator(pad, self.pad_to_multiple_of, kl_pairs=self.kl_pairs, layout=layout,
+                                    from_pairs=self.from_pairs)
         return PreferenceCollator(pad, self.pad_to_multiple_of, layout=layout)
 
     def row_lengths(self, rows: list[dict]) -> list[int]:
@@ -207,12 +213,17 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _loader(self, rows: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
         if not shuffle:
-            return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=self.collator(),
+            # KTO's KL estimate needs >= 2 rows a batch: a trailing single row joins the batch before it
+            batches = [list(range(i, min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)]
+            if self.kl_pairs and len(batches) > 1 and len(batches[-1]) == 1:
+                batches[-2] += batches.pop()
+            return DataLoader(rows, batch_sampler=batches, collate_fn=self.collator(),
                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         sampler = LengthGroupedSampler(self.row_lengths(rows), batch_size, seed=self.seed,
                                        group_by_length=self.group_by_length)
         return ResumableDataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=self.collator(),
-                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                   drop_last=self.kl_pairs)  # no single-row KTO batch (KL needs two)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_rows, self.batch_size, shuffle=True)
