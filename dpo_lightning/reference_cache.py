@@ -277,7 +277,12 @@ def precompute_reference(module, datamodule) -> list[dict[str, Any]]:
     except Exception:  # noqa: BLE001 - only a hint for the file-based fingerprint of huge models
         source = None
     home = next(model.parameters()).device
-    model.to(device)
+    movable = home.type == "cpu" and not any(getattr(model, f, False) for f in ("is_loaded_in_4bit",
+                                                                                 "is_loaded_in_8bit"))
+    if movable:  # setup() runs before the strategy places the module; quantized models are placed already
+        model.to(device)
+    else:
+        device = home
     infos = []
     try:
         with ctx:
@@ -295,6 +300,6 @@ def precompute_reference(module, datamodule) -> list[dict[str, Any]]:
     finally:
         if separate:
             del model
-        else:
+        elif movable:
             model.to(home)
     return infos

@@ -134,12 +134,11 @@ class ResumableDataLoader(DataLoader):
         self._epoch = 0
 
     def __iter__(self):
+        # a generator too: runs at the first next(), after Lightning's set_epoch and load_state_dict
         sampler = self.sampler
-        skip = sampler._skip[1] // max(self.batch_size or 1, 1) if getattr(sampler, "_skip", None) else 0
-        if getattr(sampler, "_skip", None) and sampler._skip[0] != sampler.epoch:
-            skip = 0
         self._epoch = getattr(sampler, "epoch", 0)
-        self._yielded = skip
+        pending = getattr(sampler, "_skip", None)  # the sampler drops these indices; count them as handed out
+        self._yielded = pending[1] // max(self.batch_size or 1, 1) if pending and pending[0] == self._epoch else 0
         for batch in super().__iter__():
             self._yielded += 1
             yield batch
