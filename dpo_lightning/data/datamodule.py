@@ -213,11 +213,10 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _loader(self, rows: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
         if not shuffle:
-            # KTO's KL estimate needs >= 2 rows a batch: a trailing single row joins the batch before it
-            batches = [list(range(i, min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)]
-            if self.kl_pairs and len(batches) > 1 and len(batches[-1]) == 1:
-                batches[-2] += batches.pop()
-            return DataLoader(rows, batch_sampler=batches, collate_fn=self.collator(),
+            # KTO's KL estimate needs >= 2 rows a batch: grow the batch until no single row trails
+            while self.kl_pairs and len(rows) > batch_size and len(rows) % batch_size == 1:
+                batch_size += 1
+            return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=self.collator(),
                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         sampler = LengthGroupedSampler(self.row_lengths(rows), batch_size, seed=self.seed,
                                        group_by_length=self.group_by_length)
