@@ -1,17 +1,20 @@
-"""TRL 1.16 ``DPOTrainer`` on the benchmark's model and rows: the reference point of ``scripts/benchmark.py``.
+"""TRL 1.16 ``DPOTrainer`` on the benchmark's model, pairs and batch list: the reference point of
+``scripts/benchmark.py``.
 
 Runs under an environment that has TRL (TRL is not a dependency of dpo_lightning and this file imports nothing
 from it):
 
-    /work/trlenv/bin/python scripts/benchmark_trl.py --model-dir DIR --rows ROWS.json --steps 40 [--precompute]
+    /work/trlenv/bin/python scripts/benchmark_trl.py --model-dir DIR --rows ROWS.json --steps 16 [--precompute]
 
 ``scripts/benchmark.py`` prepares DIR (the model, saved with ``save_pretrained``, and the GPT-2 tokenizer) and
-ROWS.json (the same normalized text records and the token ids dpo_lightning made of them), runs this script in
-its own process (so ``ru_maxrss`` is this run's peak) and reads the JSON line it prints last. TRL tokenizes the
-text itself; the script checks that its ids equal ours, then trains on its own tokenization (identical when
-``tokenization_match`` is 1.0). Settings mirror ours: fp32 on CPU, 4 pairs per step, max_length 256, sigmoid
-loss with beta 0.1, fused AdamW (TRL's default), gradient clipping 1.0, no gradient checkpointing, no logging
-to services.
+ROWS.json (the normalized text records, the token ids dpo_lightning made of them and the one batch list every
+contender trains on), runs this script in its own process (so ``ru_maxrss`` is this run's peak) and reads the
+JSON line it prints last. The records go into TRL's dataset in the batch list's order and TRL samples them
+sequentially (``train_sampling_strategy="sequential"``), so its steps see exactly the list's batches; the
+collator is wrapped to record which pairs each step trained on (checked against the list by token ids: a pair
+whose ids differ from ours is reported as -1 and the driver refuses the comparison). Settings mirror ours: fp32
+on CPU (bf16 weights and ``bf16=True`` on CUDA), 4 pairs per step, max_length 256, sigmoid loss with beta 0.1,
+fused AdamW (TRL's default), gradient clipping 1.0, no gradient checkpointing, no logging to services.
 """
 
 from __future__ import annotations
@@ -25,20 +28,22 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark import matmul_peak_flops  # noqa: E402  (stdlib-only module level: safe in TRL's environment)
+from bench_lib import cuda_bf16_peak, feed_order, matmul_peak_flops  # noqa: E402  (stdlib-only module level)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model-dir", required=True)
     p.add_argument("--rows", required=True)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--precompute", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--peak-flops", type=float, default=None)
     args = p.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -47,77 +52,92 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    cuda = args.device == "cuda"
     data = json.load(open(args.rows))
-    records, ours = data["records"], data["rows"]
+    records, ours, batches = data["records"], data["rows"], data["batches"]
+    if any(len(b) != args.batch_size for b in batches) or len(batches) != args.warmup + args.steps:
+        sys.exit(f"{args.rows}: the batch list does not hold {args.warmup + args.steps} batches of {args.batch_size}")
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    peak = matmul_peak_flops()
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 attn_implementation="sdpa")
+    peak = None if cuda or args.peak_flops else matmul_peak_flops()
 
     class Timer(TrainerCallback):
         def __init__(self):
             self.starts, self.ends = [], []
 
         def on_step_begin(self, args_, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
             self.starts.append(time.perf_counter())
 
         def on_step_end(self, args_, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
             self.ends.append(time.perf_counter())
 
     timer = Timer()
-    out_dir = tempfile.mkdtemp(prefix="trl-bench-")
     cfg = DPOConfig(
-        output_dir=out_dir, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
-        max_steps=args.warmup + args.steps, learning_rate=1e-6, beta=0.1, loss_type=["sigmoid"],
-        bf16=False, fp16=False, gradient_checkpointing=args.gradient_checkpointing, use_cpu=True,
-        precompute_ref_log_probs=args.precompute, report_to=[], save_strategy="no", logging_steps=10,
-        disable_tqdm=True, dataloader_num_workers=0, seed=args.seed, data_seed=args.seed,
-        dataset_num_proc=None,
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=args.batch_size,
+        max_length=args.max_length, max_steps=args.warmup + args.steps, learning_rate=1e-6, beta=0.1,
+        loss_type=["sigmoid"], bf16=cuda, fp16=False, gradient_checkpointing=args.gradient_checkpointing,
+        use_cpu=not cuda, precompute_ref_log_probs=args.precompute, report_to=[], save_strategy="no",
+        logging_steps=10, disable_tqdm=True, dataloader_num_workers=0, seed=args.seed, data_seed=args.seed,
+        dataset_num_proc=None, train_sampling_strategy="sequential",  # the list's order, see the docstring
     )
     t_prep = time.perf_counter()
-    trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(records), processing_class=tok,
-                         callbacks=[timer])
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(feed_order(records, batches)),
+                         processing_class=tok, callbacks=[timer])
     prep_seconds = time.perf_counter() - t_prep
-    ds = trainer.train_dataset
     L = args.max_length  # TRL keeps full ids in the dataset and truncates (prompt + completion)[:L] when collating
-    theirs = {(tuple(r["prompt_ids"]), tuple(r["chosen_ids"][:L - len(r["prompt_ids"])]),
-               tuple(r["rejected_ids"][:L - len(r["prompt_ids"])]))
-              for r in ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])}
-    mine = {(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"])) for r in ours}
-    match = len(theirs & mine) / max(len(mine), 1)
 
-    # which pairs each step sees: wrap the collator to record the lengths (for tokens/s and useful FLOPs)
-    seen: list[list[tuple[int, int, int]]] = []
+    def key(prompt, chosen, rejected):
+        return tuple(prompt), tuple(chosen[:L - len(prompt)]), tuple(rejected[:L - len(prompt)])
+
+    theirs = {key(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"])
+              for r in trainer.train_dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])}
+    mine = [key(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in ours]
+    match = len(theirs & set(mine)) / max(len(mine), 1)
+
+    # what each step trains on: the wrapped collator records the pairs' ids and the collated batch's positions
+    seen: list[tuple[list, int, int]] = []
     inner = trainer.data_collator
 
     def recording_collator(examples):
-        seen.append([(len(e["prompt_ids"]), min(len(e["chosen_ids"]), L - len(e["prompt_ids"])),
-                      min(len(e["rejected_ids"]), L - len(e["prompt_ids"]))) for e in examples])
-        return inner(examples)
+        batch = inner(examples)
+        seen.append(([key(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) for e in examples],
+                     int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
+        return batch
 
     trainer.data_collator = recording_collator
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    peak = max(peak, matmul_peak_flops())
+    peak = cuda_bf16_peak(args.peak_flops) if cuda else (args.peak_flops or max(peak, matmul_peak_flops()))
     w = args.warmup
-    seconds = timer.ends[-1] - timer.starts[w]
     steps = len(timer.ends) - w
-    # the collator runs one batch ahead of the step (prefetch); pair the steps with the first `steps` batches
-    timed = seen[w:w + steps]
+    # the dataloader may fetch one batch ahead of the step: the steps trained on the first len(ends) batches
+    timed, expected = seen[w:w + steps], batches[w:w + steps]
+    timed_ids = [[p if k == mine[p] else -1 for k, p in zip(keys, b)] for (keys, _, _), b in zip(timed, expected)]
     result = {
         "name": "trl_precompute" if args.precompute else "trl",
         "trl_version": __import__("trl").__version__,
-        "steps": steps, "seconds": seconds,
-        "pairs": sum(len(b) for b in timed),
-        "batch_lengths": timed,
+        "steps": steps, "seconds": timer.ends[-1] - timer.starts[w],
+        "pairs": sum(len(k) for k, _, _ in timed), "timed_ids": timed_ids,
+        "batch_lengths": [[(len(k[0]), len(k[1]), len(k[2])) for k in keys] for keys, _, _ in timed],
+        "processed_tokens": sum(t for _, t, _ in timed), "positions": sum(n for _, _, n in timed),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "matmul_peak_flops": peak,
-        "setup_seconds": prep_seconds,
-        "tokenization_match": match,
+        "matmul_peak_flops": None if cuda else peak, "peak_flops": peak if cuda else None,
+        "setup_seconds": prep_seconds, "tokenization_match": match,
         "torch_threads": torch.get_num_threads(),
         "step_seconds": [e - s for s, e in zip(timer.starts[w:], timer.ends[w:])],
         "load_average_after": os.getloadavg(),
     }
+    if cuda:
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["device_name"] = torch.cuda.get_device_name()
     print("BENCH_RESULT " + json.dumps(result))
     sys.stdout.flush()
 

@@ -1,0 +1,188 @@
+"""What every contender of ``scripts/benchmark.py`` shares: model shapes, the one list of timed batches, the
+FLOP counts and the figures. Standard library only at module level: ``scripts/benchmark_trl.py`` imports it in
+TRL's environment, ``tests/test_benchmark.py`` in ours.
+
+The fair-comparison contract: the driver draws one seeded subset of pairs and one list of batches
+(``timed_batches``); every run (ours, all-off, TRL, TRL with precomputed reference) trains on exactly that list,
+in that order: warm-up batches first (untimed), then the timed ones. Our runs feed it to Lightning as a fixed
+``batch_sampler`` (``our_batch_sampler``); TRL gets the pairs as a dataset in the list's order
+(``feed_order``) with ``train_sampling_strategy="sequential"``, so its consecutive ``batch_size`` chunks are
+the same batches. Every run reports the subset positions of the pairs it timed and the driver refuses to
+compare runs whose timed pairs differ (``check_same_batches``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+# Llama shapes (vocabulary: the GPT-2 tokenizer's 50,257). ``small``: the CPU benchmark model of
+# docs/performance.md; ``smollm2``: SmolLM2-135M's shape (tied embeddings); ``gpu05b``: ~0.4B for CUDA bf16;
+# ``tiny``: seconds-long smoke runs and tests.
+SHAPES = {
+    "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=8, tie_word_embeddings=False),
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, tie_word_embeddings=True),
+    "gpu05b": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+                   num_key_value_heads=16, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False),
+}
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
+
+
+# ------------------------------------------------------------------ the one list of batches
+def timed_batches(lengths: list[int], batch_size: int, n_batches: int, seed: int,
+                  order: str = "grouped") -> list[list[int]]:
+    """``n_batches`` batches of ``batch_size`` positions into ``lengths`` (each position once).
+
+    ``shuffled``: a seeded permutation cut into batches (what a plain random sampler does). ``grouped``: the
+    same permutation, cut into mega-batches of 50 batches, each sorted by length (longest first) and cut into
+    batches, the batch order then shuffled (what ``data.group_by_length`` does): less padding for every
+    contender alike.
+    """
+    if order not in ("grouped", "shuffled"):
+        raise ValueError(f"order={order!r}: use 'grouped' or 'shuffled'")
+    need = batch_size * n_batches
+    if need > len(lengths):
+        raise ValueError(f"{n_batches} batches of {batch_size} need {need} pairs; only {len(lengths)} given")
+    rnd = random.Random(seed)
+    perm = rnd.sample(range(len(lengths)), need)
+    if order == "grouped":
+        mega = 50 * batch_size
+        perm = [i for s in range(0, need, mega) for i in sorted(perm[s:s + mega], key=lambda i: -lengths[i])]
+    batches = [perm[i:i + batch_size] for i in range(0, need, batch_size)]
+    if order == "grouped":
+        rnd.shuffle(batches)
+    return batches
+
+
+def our_batch_sampler(train_rows: list[dict], batches: list[list[int]]) -> list[list[int]]:
+    """The batches as positions into the data module's ``train_rows`` (whose ``index`` is the subset position)."""
+    where = {r["index"]: i for i, r in enumerate(train_rows)}
+    missing = sorted({p for b in batches for p in b} - set(where))
+    if missing:
+        raise RuntimeError(f"pairs {missing[:5]} of the batch list were dropped by the data module")
+    return [[where[p] for p in b] for b in batches]
+
+
+def feed_order(records: list, batches: list[list[int]]) -> list:
+    """The records in the list's order: consumed sequentially, ``batch_size`` at a time, they are the batches."""
+    return [records[p] for b in batches for p in b]
+
+
+def check_same_batches(runs: dict[str, dict], expected: list[list[int]]) -> None:
+    """Every run must have timed exactly ``expected`` (subset positions, per batch, in order)."""
+    for name, r in runs.items():
+        if r["timed_ids"] != expected:
+            raise RuntimeError(f"run {name!r} timed other pairs than the batch list: {r['timed_ids'][:2]} ... "
+                               f"vs {expected[:2]} ...; the comparison would not be fair")
+
+
+# ------------------------------------------------------------------ FLOPs
+def model_shape(config: dict) -> dict:
+    """Parameter counts of a Llama config: ``non_embedding_params`` (the decoder layers and the final norm)
+    and ``matmul_params`` (those plus the LM head: the weights every token multiplies)."""
+    H, V, nl, inter = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"], config[
+        "intermediate_size"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    hd = config.get("head_dim") or H // heads
+    per_layer = H * heads * hd + 2 * H * kv * hd + heads * hd * H + 3 * H * inter + 2 * H
+    non_emb = nl * per_layer + H
+    tied = bool(config.get("tie_word_embeddings"))
+    return {"H": H, "V": V, "layers": nl, "non_embedding_params": non_emb, "matmul_params": non_emb + V * H,
+            "params": non_emb + (1 if tied else 2) * V * H, "tied_embeddings": tied}
+
+
+def useful_flops(pairs: list[tuple[int, int, int]], shape: dict, reference: bool) -> float:
+    """The minimal computation of these pairs, prompt counted once (``benchmark.py``'s docstring)."""
+    N, H, V, nl = shape["non_embedding_params"], shape["H"], shape["V"], shape["layers"]
+    total = 0.0
+    for P, C, R in pairs:
+        tokens = P + C + R
+        ctx = P * (P + 1) / 2 + C * P + C * (C + 1) / 2 + R * P + R * (R + 1) / 2
+        attn = 4 * nl * H * ctx
+        total += 6 * N * tokens + 3 * attn + 6 * H * V * (C + R)
+        if reference:
+            total += 2 * N * tokens + attn + 2 * H * V * (C + R)
+    return total
+
+
+def conventional_flops(processed_tokens: int, shape: dict, reference: bool) -> float:
+    """6·N per processed token (+ 2·N for a live reference's forward), N = ``matmul_params``: the usual MFU
+    numerator, every token the model ran over (prompt tokens as often as the layout computes them)."""
+    return (6 + (2 if reference else 0)) * shape["matmul_params"] * processed_tokens
+
+
+def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
+    """The best fp32 matmul rate of this process (the CPU 'peak')."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 * reps / best
+
+
+def cuda_bf16_peak(override: float | None = None) -> float | None:
+    """The device's dense bf16 FLOP/s: ``override``, else Lightning's table (where Lightning is installed),
+    else ``BF16_PEAK`` by device name, else None (no utilisation figures)."""
+    import torch
+
+    if override:
+        return override
+    try:
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        peak = get_available_flops(torch.device("cuda"), torch.bfloat16)
+    except ImportError:  # TRL's environment
+        peak = None
+    name = torch.cuda.get_device_name()
+    return peak or next((v for k, v in BF16_PEAK.items() if k in name), None)
+
+
+# ------------------------------------------------------------------ figures
+def summarize(r: dict, shape: dict, peak: float | None) -> dict:
+    """Add the rates, token counts and both FLOP utilisations to one run's raw result."""
+    pairs = [tuple(p) for b in r.pop("batch_lengths") for p in b]
+    reference = not r["name"].endswith("precompute")
+    s = r["seconds"]
+    tokens = {"prompt": sum(p[0] for p in pairs), "chosen": sum(p[1] for p in pairs),
+              "rejected": sum(p[2] for p in pairs)}
+    tokens["pair_tokens"] = 2 * tokens["prompt"] + tokens["chosen"] + tokens["rejected"]
+    tokens["unique_tokens"] = tokens["prompt"] + tokens["chosen"] + tokens["rejected"]
+    tokens["processed_tokens"], tokens["positions"] = r.pop("processed_tokens"), r.pop("positions")
+    useful, conventional = useful_flops(pairs, shape, reference), conventional_flops(
+        tokens["processed_tokens"], shape, reference)
+    r.update({
+        "pairs_per_s": r["pairs"] / s, "tokens_per_s": tokens["pair_tokens"] / s, "timed_tokens": tokens,
+        "padding_fraction": 1 - tokens["processed_tokens"] / max(tokens["positions"], 1),
+        "useful_tflops_per_step": useful / max(r["steps"], 1) / 1e12, "useful_flops_per_s": useful / s,
+        "useful_flop_utilisation": useful / s / peak if peak else None,
+        "mfu_conventional": conventional / s / peak if peak else None, "peak_flops_used": peak,
+    })
+    return r
+
+
+def ratios(results: dict[str, dict]) -> dict[str, dict]:
+    """ours / baseline for pairs/s, non-pad tokens/s and peak memory (equal pairs/s and tokens/s ratios are
+    the check that both ran the same pairs)."""
+    mem = "peak_gpu_mb" if any("peak_gpu_mb" in r for r in results.values()) else "peak_rss_mb"
+    out = {}
+    for ours in ("ours", "ours_precompute"):
+        for base in ("all_off", "trl", "trl_precompute"):
+            if ours in results and base in results:
+                a, b = results[ours], results[base]
+                out[f"{ours}/{base}"] = {
+                    "pairs_per_s": a["pairs_per_s"] / b["pairs_per_s"],
+                    "tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"],
+                    mem.replace("_mb", ""): a[mem] / b[mem] if a.get(mem) and b.get(mem) else None,
+                }
+    return out
