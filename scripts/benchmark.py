@@ -31,11 +31,13 @@ Models (``--shape``, Llama from a config, GPT-2 tokenizer's vocabulary 50,257, r
 4 layers, 8 heads, intermediate 1024, untied: 29.9M parameters, 4.2M outside the embedding and LM head),
 ``smollm2`` (SmolLM2-135M: 30 layers, hidden 576, 9 heads, 3 KV heads, intermediate 1536, tied), ``gpu05b``
 (CUDA default: hidden 1024, 24 layers, 16 heads, intermediate 2816, untied, ~0.41B), ``tiny`` (smoke runs).
-Data: the 1,500 HH-RLHF pairs of ../shared/data, tokenized by dpo_lightning (max_length 256, keep_start; rows
-whose prompt fills max_length are dropped, as TRL 1.16 drops them); TRL tokenizes the same text and reports
-whether its ids match ours. Settings: fp32 on CPU (bf16 weights on CUDA, TRL with ``bf16=True``), 4 pairs per
-step, sigmoid loss beta 0.1, fused AdamW lr 1e-6, linear schedule, gradient clipping 1.0, no gradient
-checkpointing.
+Data (``--data``): the 1,500 HH-RLHF pairs of ../shared/data (or ``$DPO_BENCH_DATA``), tokenized by
+dpo_lightning (max_length 256, keep_start; rows whose prompt fills max_length are dropped, as TRL 1.16 drops
+them); TRL tokenizes the same text and reports whether its ids match ours. Where that data is absent,
+``builtin``: the embedded short pairs and the built-in tokenizer (same model shape and vocabulary size; the
+plumbing runs anywhere, the figures are not comparable).
+Settings: fp32 on CPU (bf16 weights on CUDA, TRL with ``bf16=True``), 4 pairs per step, sigmoid loss beta 0.1,
+fused AdamW lr 1e-6, linear schedule, gradient clipping 1.0, no gradient checkpointing.
 
 Figures (per run, then ``ratios``):
 
@@ -91,7 +93,30 @@ from bench_lib import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+VOCAB = 50257  # GPT-2's: every shape's vocabulary, whichever tokenizer feeds it
+
+
+def shared_data() -> Path | None:
+    """The HH-RLHF pairs + GPT-2 tokenizer: ``$DPO_BENCH_DATA``, ../shared/data or ./shared/data."""
+    for c in (os.environ.get("DPO_BENCH_DATA"), REPO.parent / "shared" / "data", REPO / "shared" / "data"):
+        if c and (Path(c) / "gpt2-tokenizer" / "tokenizer.json").exists():
+            return Path(c)
+    return None
+
+
+def data_source(kind: str) -> tuple[str, Path]:
+    """(records file, tokenizer folder) of ``--data``: ``hh-rlhf`` (shared data) or ``builtin`` (the embedded
+    short pairs and the built-in word-level tokenizer: the plumbing and the model shape where no data is)."""
+    if kind == "builtin":
+        from importlib import resources
+
+        from dpo_lightning.models.tiny import materialize
+
+        return str(resources.files("dpo_lightning.assets").joinpath("default_prefs.jsonl")), materialize()
+    shared = shared_data()
+    if shared is None:
+        sys.exit("--data hh-rlhf needs ../shared/data (or $DPO_BENCH_DATA); --data builtin runs without it")
+    return str(shared / "hh-rlhf-harmless-base-test.jsonl.gz"), shared / "gpt2-tokenizer"
 
 
 # ------------------------------------------------------------------ preparation (driver)
@@ -99,18 +124,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DPO_LIGHTNING_CACHE", Path.home() / ".cache" / "dpo_lightning"))
 
 
-def build_model_dir(shape_name: str) -> Path:
-    """The benchmark model + GPT-2 tokenizer, saved once with save_pretrained (seeded)."""
+def build_model_dir(shape_name: str, data: str) -> Path:
+    """The benchmark model + the data's tokenizer, saved once with save_pretrained (seeded)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     shape = SHAPES[shape_name]
-    name = "bench-llama-" + "-".join(f"{k[:3]}{int(v)}" for k, v in shape.items())
+    name = f"bench-llama-{data}-" + "-".join(f"{k[:3]}{int(v)}" for k, v in shape.items())
     target = cache_dir() / "bench" / name
     if (target / "config.json").exists():
         return target
-    tok = AutoTokenizer.from_pretrained(SHARED / "gpt2-tokenizer")
-    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+    tok = AutoTokenizer.from_pretrained(data_source(data)[1])
+    cfg = LlamaConfig(vocab_size=max(len(tok), VOCAB), max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, **shape)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
@@ -125,15 +150,16 @@ def build_model_dir(shape_name: str) -> Path:
     return target
 
 
-def prepare_rows(model_dir: Path, max_length: int, batch_size: int, n_batches: int, seed: int, order: str,
-                 out: Path) -> dict:
-    """Tokenize the HH-RLHF pairs with dpo_lightning; write a seeded subset (records + ids) and the batch list."""
+def prepare_rows(model_dir: Path, data: str, max_length: int, batch_size: int, n_batches: int, seed: int,
+                 order: str, out: Path) -> dict:
+    """Tokenize the pairs with dpo_lightning; write a seeded subset (records + ids) and the batch list."""
     from dpo_lightning.data.formats import load_records, normalize
     from dpo_lightning.data.tokenize import TruncationConfig, tokenize_records
     from dpo_lightning.models.hf import ModelSpec, load_tokenizer
 
     tok = load_tokenizer(ModelSpec(str(model_dir)))
-    records = normalize(load_records(SHARED / "hh-rlhf-harmless-base-test.jsonl.gz"), where="hh-rlhf")
+    source = data_source(data)[0]
+    records = normalize(load_records(source), where=source)
     rows, dropped = tokenize_records(records, tok, TruncationConfig(max_length))
     lengths = [len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]
     pick = sorted(p for b in timed_batches(lengths, batch_size, n_batches, seed, "shuffled") for p in b)
@@ -296,6 +322,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="benchmark model (default: small on CPU, gpu05b on CUDA)")
+    p.add_argument("--data", choices=("hh-rlhf", "builtin"), default=None,
+                   help="HH-RLHF pairs of ../shared/data (default where present) or the built-in short pairs")
     p.add_argument("--peak-flops", type=float, default=None, help="override the peak FLOP/s (CUDA: bf16 dense)")
     p.add_argument("--only", nargs="*", default=None,
                    help="runs to do: ours ours_precompute all_off trl trl_precompute (default: all available)")
@@ -308,6 +336,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.shape = args.shape or ("gpu05b" if args.device == "cuda" else "small")
+    args.data = args.data or ("hh-rlhf" if shared_data() else "builtin")
     return args
 
 
@@ -315,17 +344,18 @@ def main() -> None:
     args = parse_args()
     if args.worker:
         return worker(args)
-    if not (SHARED / "gpt2-tokenizer" / "tokenizer.json").exists():
-        sys.exit(f"the benchmark needs ../shared/data (looked in {SHARED})")
+    if args.data == "builtin":
+        print("[benchmark] --data builtin: the embedded short pairs, not HH-RLHF (figures are not comparable "
+              "with docs/performance.md)", file=sys.stderr)
     runs = args.only or (["ours", "ours_precompute", "all_off"]
                          + (["trl", "trl_precompute"] if args.trl_python else []))
     if any(n.startswith("trl") for n in runs) and not args.trl_python:
         sys.exit("--trl-python is needed for the TRL runs")
 
-    model_dir = build_model_dir(args.shape)
+    model_dir = build_model_dir(args.shape, args.data)
     work = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     rows = work / "rows.json"
-    data = prepare_rows(model_dir, args.max_length, args.batch_size, args.warmup + args.steps, args.seed,
+    data = prepare_rows(model_dir, args.data, args.max_length, args.batch_size, args.warmup + args.steps, args.seed,
                         args.batches, rows)
     timed = data["batches"][args.warmup:]
     shape = model_shape(json.loads((model_dir / "config.json").read_text()))
@@ -353,7 +383,7 @@ def main() -> None:
             results[r["name"]] = r  # best of the repeats (other processes on a shared machine only slow runs down)
     import torch
 
-    report = {"device": args.device, "shape": args.shape, "model": {"dir": str(model_dir), **shape},
+    report = {"device": args.device, "shape": args.shape, "data": args.data, "model": {"dir": str(model_dir), **shape},
               "batch_size": args.batch_size, "max_length": args.max_length, "warmup": args.warmup,
               "timed_steps": args.steps, "batches": args.batches, "timed_batches": timed,
               "torch": torch.__version__, "cpu_count": os.cpu_count(), "cpu_matmul_peak_flops": cpu_peak,

@@ -111,6 +111,16 @@ def test_our_worker_times_the_list(tmp_path, default_data_path, tokenizer, tiny_
         bench_lib.check_same_batches({"x": {"timed_ids": batches[:2]}}, batches[1:])
 
 
+def test_driver_preparation_on_builtin_data(tmp_path):
+    """Where ../shared/data is absent (a fresh GPU machine) the driver prepares the built-in pairs."""
+    model_dir = benchmark.build_model_dir("tiny", "builtin")
+    assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == benchmark.VOCAB
+    data = benchmark.prepare_rows(model_dir, "builtin", 64, 4, 5, seed=0, order="grouped", out=tmp_path / "r.json")
+    assert len(data["records"]) == 20 and sorted(p for b in data["batches"] for p in b) == list(range(20))
+    assert json.loads((tmp_path / "r.json").read_text())["batches"] == data["batches"]
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 20
+
+
 @pytest.mark.parametrize("shape", sorted(bench_lib.SHAPES))
 def test_model_shapes_count_their_parameters(shape):
     """Every benchmark shape (the CUDA ~0.4B one included) builds, on the meta device, with the counted size."""
