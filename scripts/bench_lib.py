@@ -186,3 +186,35 @@ def ratios(results: dict[str, dict]) -> dict[str, dict]:
                     mem.replace("_mb", ""): a[mem] / b[mem] if a.get(mem) and b.get(mem) else None,
                 }
     return out
+
+
+def format_table(report: dict) -> str:
+    """The report as the lines a person reads (``benchmark.py`` prints them to stderr after the JSON)."""
+    m, runs = report["model"], report["runs"]
+    first = next(iter(runs.values()))
+    t = first["timed_tokens"]
+    mem = "peak_gpu_mb" if report["device"] == "cuda" else "peak_rss_mb"
+    lines = [
+        f"== benchmark: {first.get('device_name', report['device'])}, shape {report['shape']} "
+        f"({m['params'] / 1e6:.1f}M parameters, {m['matmul_params'] / 1e6:.1f}M per token), data {report['data']}, "
+        f"{report['batch_size']} pairs/step, max_length {report['max_length']}",
+        f"   {report['timed_steps']} timed steps after {report['warmup']} warm-up, {report['batches']} batches: the "
+        f"same {first['pairs']} pairs for every run (prompt {t['prompt']}, chosen {t['chosen']}, rejected "
+        f"{t['rejected']} tokens; {t['pair_tokens']} pair tokens, {t['unique_tokens']} with the prompt once)",
+        f"   {'run':<16}{'pairs/s':>9}{'tokens/s':>10}{mem.replace('_', ' '):>13}{'useful-FLOP util':>18}"
+        f"{'MFU (6N)':>10}{'padding':>9}{'processed':>11}",
+    ]
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    for name, x in runs.items():
+        lines.append(f"   {name:<16}{x['pairs_per_s']:>9.2f}{x['tokens_per_s']:>10.0f}{x.get(mem) or 0:>13.0f}"
+                     f"{pct(x['useful_flop_utilisation']):>18}{pct(x['mfu_conventional']):>10}"
+                     f"{pct(x['padding_fraction']):>9}{x['timed_tokens']['processed_tokens']:>11}")
+    for name, x in report["ratios"].items():
+        memory = next((f"  memory {v:.2f}x" for k, v in x.items() if k.startswith("peak") and v), "")
+        lines.append(f"   {name:<30} pairs/s {x['pairs_per_s']:.2f}x  tokens/s {x['tokens_per_s']:.2f}x{memory}")
+    pre = runs.get("ours_precompute", {}).get("precompute_seconds")
+    if pre is not None:
+        lines.append(f"   one-time reference pass of ours_precompute: {pre:.1f} s")
+    peak = first.get("peak_flops_used")
+    lines.append(f"   peak FLOP/s used for both utilisations: {peak:.3g}" if peak else "   no peak FLOP/s: no MFU")
+    return "\n".join(lines)

@@ -84,6 +84,7 @@ from bench_lib import (  # noqa: E402
     SHAPES,
     check_same_batches,
     cuda_bf16_peak,
+    format_table,
     matmul_peak_flops,
     model_shape,
     our_batch_sampler,
@@ -389,6 +390,7 @@ def main() -> None:
               "torch": torch.__version__, "cpu_count": os.cpu_count(), "cpu_matmul_peak_flops": cpu_peak,
               "repeats": args.repeats, "runs": results, "ratios": ratios(results)}
     print(json.dumps(report, indent=2))
+    print(format_table(report), file=sys.stderr)
 
 
 if __name__ == "__main__":

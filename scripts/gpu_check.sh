@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
-# GPU smoke checks for the scale-out paths, on one CUDA machine, in a few minutes, offline:
+# GPU checks on one CUDA machine, in under 8 minutes, offline after install:
 #
+#   0. bench    scripts/benchmark.py --device cuda: bf16, the ~0.4B benchmark shape, ours / ours precomputed /
+#               all-off / TRL 1.16 / TRL precomputed on the same timed batches; prints every figure of the
+#               side-by-side (pairs/s, non-pad tokens/s and their ratios, the timed token counts, peak GPU
+#               memory, useful-FLOP utilisation and conventional MFU against the device's bf16 peak, padding)
 #   1. bf16     full-weight DPO, bf16-mixed, policy + frozen copy reference        (strategy=auto)
 #   2. qlora    4-bit NF4 base + LoRA, adapter-disabled reference, merged export   (quantization=bnb_4bit peft=lora)
 #   3. fsdp     FSDP on 1 GPU: decoder layers wrapped + checkpointed, full export  (strategy=fsdp)
 #   4. fsdp2    FSDP2 (ModelParallelStrategy) on 1 GPU                             (strategy=fsdp2)
 #   5. zero2    DeepSpeed ZeRO-2, 6. zero3 DeepSpeed ZeRO-3   (if deepspeed is or can be installed; else SKIP)
 #
-# Every check is a real `python -m dpo_lightning.train` run on the built-in tiny Llama widened to a
+# TRL for the bench: $TRL_PYTHON, else this python if it has trl 1.16, else a venv in the work folder
+# (system site packages + `pip install trl==1.16.*`, failing fast when offline: then no TRL rows).
+# Data for the bench: ../shared/data or $DPO_BENCH_DATA (HH-RLHF + GPT-2 tokenizer), else the built-in pairs.
+# Checks 1-6 are real `python -m dpo_lightning.train` runs on the built-in tiny Llama widened to a
 # Qwen2.5-0.5B-like shape (~0.36B parameters; no hub access needed) and prints one line:
 #   PASS|FAIL|SKIP <name>  peak=<GiB allocated>  steps=<n>  loss=<last>  <what was checked>  (<seconds>s)
 # On a failure the end of that run's log is printed. Exit status: 0 if nothing failed, 1 otherwise.
 #
 #   bash scripts/gpu_check.sh                 # all checks
 #   SMALL=1 bash scripts/gpu_check.sh         # the 100k-parameter tiny model instead (seconds)
-#   CHECKS="bf16 fsdp" bash scripts/gpu_check.sh
-#   ACCELERATOR=cpu SMALL=1 CHECKS="bf16 qlora" bash scripts/gpu_check.sh   # the script's own plumbing, on a CPU
+#   CHECKS="bench bf16" bash scripts/gpu_check.sh
+#   BENCH_ARGS="--batch-size 8 --max-length 512" bash scripts/gpu_check.sh   # benchmark options
+#   ACCELERATOR=cpu SMALL=1 CHECKS="bench bf16 qlora" bash scripts/gpu_check.sh   # the plumbing, on a CPU
+# A check that would start after BUDGET seconds (default 420) is skipped: the script stays under 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +32,9 @@ PY=${PYTHON:-}
 if [[ -z "$PY" ]]; then
   if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-CHECKS=${CHECKS:-"bf16 qlora fsdp fsdp2 zero2 zero3"}
+CHECKS=${CHECKS:-"bench bf16 qlora fsdp fsdp2 zero2 zero3"}
+BUDGET=${BUDGET:-420}
+T0=$(date +%s)
 STEPS=${STEPS:-3}
 ACCELERATOR=${ACCELERATOR:-gpu}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/dpo-gpu-check.XXXXXX")
@@ -47,9 +58,14 @@ if not torch.cuda.is_available():
 p = torch.cuda.get_device_properties(0)
 print(f"GPU: {p.name}, {p.total_memory / 2**30:.1f} GiB, bf16 {torch.cuda.is_bf16_supported()}, "
       f"{torch.cuda.device_count()} device(s)")
-import bitsandbytes, lightning, peft, transformers
+import lightning, peft, transformers
+try:
+    import bitsandbytes
+    bnb = bitsandbytes.__version__
+except ImportError:
+    bnb = "not installed (the qlora check will fail)"
 print(f"lightning {lightning.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-      f"bitsandbytes {bitsandbytes.__version__}")
+      f"bitsandbytes {bnb}")
 EOF
 [[ "$ACCELERATOR" == cpu ]] || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
@@ -166,9 +182,49 @@ EOF
   fi
 }
 
-want() { [[ " $CHECKS " == *" $1 "* ]]; }
+want() {  # selected, and starting within the time budget
+  [[ " $CHECKS " == *" $1 "* ]] || return 1
+  if (( $(date +%s) - T0 > BUDGET )); then say "SKIP $1  the time budget of ${BUDGET}s is spent"; return 1; fi
+}
+
+# ---------------------------------------------------------------- 0. the benchmark (every side-by-side figure)
+trl_python() {  # prints a python with TRL 1.16, or nothing
+  local probe='import sys, trl; sys.exit(0 if trl.__version__.startswith("1.16") else 1)'
+  if [[ -n "${TRL_PYTHON:-}" ]]; then echo "$TRL_PYTHON"; return; fi
+  if "$PY" -c "$probe" >/dev/null 2>&1; then echo "$PY"; return; fi
+  if "$PY" -m venv --system-site-packages "$WORK/trlenv" >/dev/null 2>&1 && timeout 240 "$WORK/trlenv/bin/python" \
+      -m pip install -q --retries 0 --timeout 10 "trl==1.16.*" >"$WORK/trl-install.log" 2>&1 \
+      && "$WORK/trlenv/bin/python" -c "$probe" >/dev/null 2>&1; then
+    echo "$WORK/trlenv/bin/python"
+  fi
+}
+
+run_bench() {
+  local start end rc trl args=()
+  start=$(date +%s)
+  if [[ "$ACCELERATOR" == cpu ]]; then args+=(--device cpu); else args+=(--device cuda); fi
+  if [[ -n "${SMALL:-}" ]]; then args+=(--shape tiny --steps 2 --warmup 1); else args+=(--steps 20 --warmup 3); fi
+  trl=$(trl_python)
+  if [[ -n "$trl" ]]; then args+=(--trl-python "$trl"); else say "(bench: no python with TRL 1.16, no TRL rows)"; fi
+  # shellcheck disable=SC2086  # BENCH_ARGS: word-split on purpose
+  timeout "${BENCH_TIMEOUT:-360}" "$PY" scripts/benchmark.py "${args[@]}" ${BENCH_ARGS:-} \
+    >"$WORK/bench.json" 2>"$WORK/bench.log"
+  rc=$?
+  end=$(date +%s)
+  if [[ $rc -eq 0 ]] && grep -q '^== benchmark' "$WORK/bench.log"; then
+    say "PASS bench  ($((end - start))s; JSON: $WORK/bench.json)"
+    sed -n '/^== benchmark/,$p' "$WORK/bench.log"
+  else
+    FAILED=1
+    say "FAIL bench  exit status $rc$([[ $rc -eq 124 ]] && echo ' (timeout)')  ($((end - start))s)"
+    say "---- last 40 lines of $WORK/bench.log"
+    tail -n 40 "$WORK/bench.log"
+    say "----"
+  fi
+}
 
 say "gpu_check: work folder $WORK"
+want bench && run_bench
 want bf16 && run_check bf16 model.safetensors "trainer.precision=bf16-mixed"
 want qlora && run_check qlora model.safetensors "quantization=bnb_4bit" "peft=lora" "trainer.precision=bf16-mixed" \
   "optimizer.lr=1e-4" "export_merged=true"
@@ -178,7 +234,7 @@ want fsdp2 && run_check fsdp2 model.safetensors "strategy=fsdp2" "trainer.precis
 if want zero2 || want zero3; then
   if ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then
     say "deepspeed is not installed; trying: $PY -m pip install deepspeed"
-    timeout 300 "$PY" -m pip install -q deepspeed >"$WORK/deepspeed-install.log" 2>&1 \
+    timeout 180 "$PY" -m pip install -q --retries 0 --timeout 10 deepspeed >"$WORK/deepspeed-install.log" 2>&1 \
       || say "(pip install deepspeed failed: $(tail -n 1 "$WORK/deepspeed-install.log"))"
   fi
   if "$PY" -c "import deepspeed" >/dev/null 2>&1; then
