@@ -154,6 +154,18 @@ def test_ratios_and_figures():
     base = bench_lib.summarize(dict(run, name="trl", seconds=4.0, peak_rss_mb=400), shape, peak=1e4)
     r = bench_lib.ratios({"ours": s, "trl": base})["ours/trl"]
     assert r == {"pairs_per_s": 2.0, "tokens_per_s": 2.0, "peak_rss": 0.25}
+    report = {"device": "cpu", "shape": "tiny", "data": "builtin", "batch_size": 1, "max_length": 8, "warmup": 1,
+              "timed_steps": 1, "batches": "grouped", "model": {**shape, "params": 200},
+              "runs": {"ours": s, "trl": base}, "ratios": {"ours/trl": r}}
+    table = bench_lib.format_table(report)
+    assert "useful-FLOP util" in table and "MFU (6N)" in table and "pairs/s 2.00x  tokens/s 2.00x" in table
+
+
+def test_gpu_check_script_parses_and_runs_the_benchmark_first():
+    script = SCRIPTS / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert 'CHECKS=${CHECKS:-"bench ' in text and "scripts/benchmark.py" in text
 
 
 @pytest.mark.slow
