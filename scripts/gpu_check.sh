@@ -11,8 +11,8 @@
 #   4. fsdp2    FSDP2 (ModelParallelStrategy) on 1 GPU                             (strategy=fsdp2)
 #   5. zero2    DeepSpeed ZeRO-2, 6. zero3 DeepSpeed ZeRO-3   (if deepspeed is or can be installed; else SKIP)
 #
-# TRL for the bench: $TRL_PYTHON, else this python if it has trl 1.16, else a venv in the work folder
-# (system site packages + `pip install trl==1.16.*`, failing fast when offline: then no TRL rows).
+# TRL for the bench: $TRL_PYTHON, else this python if it has trl 1.16, else trl 1.16 pip-installed into a
+# folder of the work dir (no dependency changes; fails fast when offline: then no TRL rows).
 # Data for the bench: ../shared/data or $DPO_BENCH_DATA (HH-RLHF + GPT-2 tokenizer), else the built-in pairs.
 # Checks 1-6 are real `python -m dpo_lightning.train` runs on the built-in tiny Llama widened to a
 # Qwen2.5-0.5B-like shape (~0.36B parameters; no hub access needed) and prints one line:
@@ -24,7 +24,8 @@
 #   CHECKS="bench bf16" bash scripts/gpu_check.sh
 #   BENCH_ARGS="--batch-size 8 --max-length 512" bash scripts/gpu_check.sh   # benchmark options
 #   ACCELERATOR=cpu SMALL=1 CHECKS="bench bf16 qlora" bash scripts/gpu_check.sh   # the plumbing, on a CPU
-# A check that would start after BUDGET seconds (default 420) is skipped: the script stays under 8 minutes.
+# A check that would start after BUDGET seconds (default 420) is skipped and none runs past LIMIT (470 s):
+# the script stays under 8 minutes (raise both for a slow CPU dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,8 +34,14 @@ if [[ -z "$PY" ]]; then
   if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 CHECKS=${CHECKS:-"bench bf16 qlora fsdp fsdp2 zero2 zero3"}
-BUDGET=${BUDGET:-420}
+BUDGET=${BUDGET:-420}   # no check starts after this many seconds
+LIMIT=${LIMIT:-470}     # and none runs past this many (the whole script: under 8 minutes)
 T0=$(date +%s)
+left() {  # seconds a command may run: min($1, what LIMIT leaves), at least 30
+  local rest=$(( T0 + LIMIT - $(date +%s) ))
+  (( rest < $1 )) || rest=$1
+  (( rest > 30 )) && echo "$rest" || echo 30
+}
 STEPS=${STEPS:-3}
 ACCELERATOR=${ACCELERATOR:-gpu}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/dpo-gpu-check.XXXXXX")
@@ -140,7 +147,7 @@ run_check() {
   local name=$1 expect=$2; shift 2
   local out="$WORK/$name" log="$WORK/$name.log" start end line verdict detail
   start=$(date +%s)
-  PYTHONPATH="$WORK/cb${PYTHONPATH:+:$PYTHONPATH}" timeout "${CHECK_TIMEOUT:-420}" \
+  PYTHONPATH="$WORK/cb${PYTHONPATH:+:$PYTHONPATH}" timeout "$(left "${CHECK_TIMEOUT:-420}")" \
     "$PY" -m dpo_lightning.train "${COMMON[@]}" ${MODEL[@]+"${MODEL[@]}"} "paths.output_dir=$out" "$@" >"$log" 2>&1
   local rc=$?
   end=$(date +%s)
@@ -189,14 +196,17 @@ want() {  # selected, and starting within the time budget
 
 # ---------------------------------------------------------------- 0. the benchmark (every side-by-side figure)
 trl_python() {  # prints a python with TRL 1.16, or nothing
-  local probe='import sys, trl; sys.exit(0 if trl.__version__.startswith("1.16") else 1)'
+  local probe='import sys, trl; sys.exit(0 if trl.__version__.startswith("1.16") else 1)' extra=()
   if [[ -n "${TRL_PYTHON:-}" ]]; then echo "$TRL_PYTHON"; return; fi
   if "$PY" -c "$probe" >/dev/null 2>&1; then echo "$PY"; return; fi
-  if "$PY" -m venv --system-site-packages "$WORK/trlenv" >/dev/null 2>&1 && timeout 240 "$WORK/trlenv/bin/python" \
-      -m pip install -q --retries 0 --timeout 10 "trl==1.16.*" >"$WORK/trl-install.log" 2>&1 \
-      && "$WORK/trlenv/bin/python" -c "$probe" >/dev/null 2>&1; then
-    echo "$WORK/trlenv/bin/python"
-  fi
+  # TRL into a folder of its own (no dependency changes), run by this python through a wrapper
+  "$PY" -c "import accelerate" >/dev/null 2>&1 || extra=(accelerate)
+  timeout "$(left 240)" "$PY" -m pip install -q --retries 0 --timeout 10 --no-deps --target "$WORK/trl-site" \
+    "trl==1.16.*" "${extra[@]}" >"$WORK/trl-install.log" 2>&1 || return 0
+  printf '#!/bin/sh\nPYTHONPATH="%s${PYTHONPATH:+:$PYTHONPATH}" exec "%s" "$@"\n' "$WORK/trl-site" "$PY" \
+    >"$WORK/trl-python"
+  chmod +x "$WORK/trl-python"
+  "$WORK/trl-python" -c "$probe" >/dev/null 2>&1 && echo "$WORK/trl-python"
 }
 
 run_bench() {
@@ -207,7 +217,7 @@ run_bench() {
   trl=$(trl_python)
   if [[ -n "$trl" ]]; then args+=(--trl-python "$trl"); else say "(bench: no python with TRL 1.16, no TRL rows)"; fi
   # shellcheck disable=SC2086  # BENCH_ARGS: word-split on purpose
-  timeout "${BENCH_TIMEOUT:-360}" "$PY" scripts/benchmark.py "${args[@]}" ${BENCH_ARGS:-} \
+  timeout "$(left "${BENCH_TIMEOUT:-360}")" "$PY" scripts/benchmark.py "${args[@]}" ${BENCH_ARGS:-} \
     >"$WORK/bench.json" 2>"$WORK/bench.log"
   rc=$?
   end=$(date +%s)
@@ -234,7 +244,7 @@ want fsdp2 && run_check fsdp2 model.safetensors "strategy=fsdp2" "trainer.precis
 if want zero2 || want zero3; then
   if ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then
     say "deepspeed is not installed; trying: $PY -m pip install deepspeed"
-    timeout 180 "$PY" -m pip install -q --retries 0 --timeout 10 deepspeed >"$WORK/deepspeed-install.log" 2>&1 \
+    timeout "$(left 180)" "$PY" -m pip install -q --retries 0 --timeout 10 deepspeed >"$WORK/deepspeed-install.log" 2>&1 \
       || say "(pip install deepspeed failed: $(tail -n 1 "$WORK/deepspeed-install.log"))"
   fi
   if "$PY" -c "import deepspeed" >/dev/null 2>&1; then

@@ -101,10 +101,12 @@ class ThroughputMonitor(LightningThroughputMonitor):
         self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        local = torch.tensor([pairs_in_batch(batch), nonpad_tokens(batch), batch["input_ids"].numel()],
-                             dtype=torch.float64, device=pl_module.device)
-        pairs, tokens, positions = (trainer.strategy.reduce(local, reduce_op="sum") if trainer.world_size > 1
-                                    else local).tolist()  # every rank: a collective
+        # nonpad_tokens reads the mask on the device: the step's kernels are done before the clock is read
+        counts = [float(pairs_in_batch(batch)), float(nonpad_tokens(batch)), float(batch["input_ids"].numel())]
+        if trainer.world_size > 1:  # every rank: a collective
+            counts = trainer.strategy.reduce(torch.tensor(counts, dtype=torch.float64, device=pl_module.device),
+                                             reduce_op="sum").tolist()
+        pairs, tokens, positions = counts
         self._step = (pairs, tokens, positions)
         self.total_pairs, self.total_tokens = self.total_pairs + pairs, self.total_tokens + tokens
         self.total_positions += positions
