@@ -14,6 +14,7 @@ The ``Loss`` stores member names and hyperparameters only, so it stays picklable
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from dpo_lightning.losses.fdivergence import F_DIVERGENCES
@@ -41,6 +42,8 @@ def normalize(hp: dict[str, Any]) -> dict[str, Any]:
         if name not in LOSSES or LOSSES[name].bind is normalize:
             raise ValueError(f"combination member {i}: {name!r} is not a registered (non-combination) loss")
         weight = float(m.pop("weight", 1.0 if weights is None else weights[i]))
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"loss.weights: member {i} ({name!r}) has weight {weight}; weights must lie in [0, inf)")
         if set(m) & set(MODIFIERS):
             raise ValueError(f"combination member {name!r}: set {sorted(set(m) & set(MODIFIERS))} on the "
                              "combination itself; modifiers apply to every member")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dpo_lightning.losses.common import completion_lengths, logratios, paired_output, reference_rewards, wpo
 from dpo_lightning.losses.fdivergence import check, scores
-from dpo_lightning.losses.registry import LossInputs, LossOutput, register
+from dpo_lightning.losses.registry import LossInputs, LossOutput, Range, register
 
 __all__ = ["logratios", "reference_rewards"]  # re-exported for backwards compatibility
 FDIV = "reverse_kl"
@@ -97,7 +97,7 @@ def robust(x: LossInputs, *, beta: float = 0.1, label_smoothing: float = 0.1, f_
 
 
 @register("exo_pair", paper="Ji et al. 2024 (EXO), arXiv:2402.00856, Eq. 16 (K=2)",
-          bind=_smoothing(0.0, 1.0, strict_lo=True))
+          bind=_smoothing(0.0, 1.0, strict_lo=True), ranges={"label_smoothing": Range(0, 1, True, True)})
 def exo_pair(x: LossInputs, *, beta: float = 0.1, label_smoothing: float = 1e-3, f_divergence_type: str = FDIV,
              f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """KL(p_theta || p_rh) over {chosen, rejected}: p_theta = softmax(beta * scores), p_rh = (1-eps, eps).

@@ -12,6 +12,7 @@ metadata; it never branches on a loss name.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,55 @@ class LossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. {"nll_loss": ..., "kl": ...}
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric hyperparameter: an interval, open or closed at each end."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        return (value > self.lo if self.lo_open else value >= self.lo) and (
+            value < self.hi if self.hi_open else value <= self.hi)
+
+    def __str__(self) -> str:
+        def num(v):
+            return "inf" if v == math.inf else "-inf" if v == -math.inf else f"{v:g}"
+        return f"{'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE, UNIT = Range(0, lo_open=True, hi_open=True), Range(0, hi_open=True), Range(0, 1)
+# Valid ranges by hyperparameter name, for every loss that takes it (``register(ranges=...)`` overrides one).
+HPARAM_RANGES: dict[str, Range] = {
+    "beta": POSITIVE,                               # inverse temperature; 0 makes every loss constant
+    "label_smoothing": Range(0, 0.5, hi_open=True),  # cDPO / rDPO flip rate: (1 - 2 eps) divides
+    "gamma": NON_NEGATIVE,                          # SimPO / AlphaPO target margin
+    "alpha": Range(-math.inf, math.inf, True, True),  # AlphaPO reward shape (any finite value; 0 = SimPO)
+    "cpo_alpha": NON_NEGATIVE, "rpo_alpha": NON_NEGATIVE,  # NLL weights
+    "desirable_weight": POSITIVE, "undesirable_weight": POSITIVE,  # KTO lambda_D, lambda_U
+    "discopop_tau": POSITIVE,                       # DiscoPOP mixing temperature (divides)
+    "f_alpha_divergence_coef": Range(0, 1, lo_open=True),  # f-DPO alpha divergence (1 = reverse KL)
+    "ld_alpha": UNIT,                               # LD-DPO weight of the verbose tail
+    "sigmoid_weight": NON_NEGATIVE, "bco_pair_weight": NON_NEGATIVE, "sft_weight": NON_NEGATIVE,  # MPO
+}
+NOT_NUMERIC = frozenset({"losses", "weights", "f_divergence_type", "use_weighting"})  # checked by their binds
+
+
+def check_ranges(name: str, hparams: dict[str, Any], ranges: Mapping[str, Range]) -> None:
+    """Raise ``ValueError`` naming ``loss.<key>=<value>`` and its valid range for a value outside it."""
+    for key, value in hparams.items():
+        rng = ranges.get(key)
+        if rng is None or value is None:
+            continue
+        if value not in rng:
+            what = "lie in" if isinstance(value, (int, float)) and not isinstance(value, bool) else "be a number in"
+            raise ValueError(f"loss.{key}={value}: must {what} {rng} (loss {name!r})")
+
+
 MODIFIERS = ("ld_alpha", "use_weighting")  # read by the module when it builds LossInputs
 PAIRED_MODIFIERS = MODIFIERS  # default for paired, reference-based losses (as TRL's DPOTrainer allows)
 
@@ -74,6 +124,14 @@ class LossSpec:
     modifiers: tuple[str, ...] = ()
     bind: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    range_overrides: tuple[tuple[str, Range], ...] = ()
+
+    @property
+    def ranges(self) -> dict[str, Range]:
+        """Valid range of each numeric hyperparameter (``HPARAM_RANGES`` by name, then this loss's own)."""
+        own = dict(self.range_overrides)
+        return {k: own.get(k, HPARAM_RANGES.get(k)) for k in sorted(self.keywords | set(self.modifiers))
+                if k in own or k in HPARAM_RANGES}
 
     @property
     def keywords(self) -> frozenset[str]:
@@ -92,11 +150,13 @@ LOSSES: dict[str, LossSpec] = {}
 
 def register(name: str, *, paper: str, requires_reference: bool = True, paired: bool = True,
              length_normalized: bool = False, needs_kl_pairs: bool = False,
-             modifiers: tuple[str, ...] | None = None, bind=None, resolve=None):
+             modifiers: tuple[str, ...] | None = None, bind=None, resolve=None,
+             ranges: dict[str, Range] | None = None):
     """Decorator: add ``fn`` to ``LOSSES`` under ``name`` with its metadata.
 
     ``modifiers`` defaults to ``("ld_alpha", "use_weighting")`` for paired reference-based losses and to
-    none otherwise.
+    none otherwise. ``ranges`` gives a hyperparameter a valid range other than ``HPARAM_RANGES``'s (every
+    numeric hyperparameter needs one; ``get_loss`` refuses a value outside it).
     """
 
     def wrap(fn):
@@ -104,7 +164,7 @@ def register(name: str, *, paper: str, requires_reference: bool = True, paired: 
             raise ValueError(f"loss {name!r} is registered twice")
         mods = modifiers if modifiers is not None else (PAIRED_MODIFIERS if paired and requires_reference else ())
         LOSSES[name] = LossSpec(name, fn, paper, requires_reference, paired, length_normalized, needs_kl_pairs,
-                                tuple(mods), bind, resolve)
+                                tuple(mods), bind, resolve, tuple(sorted((ranges or {}).items())))
         return fn
 
     return wrap
@@ -185,8 +245,7 @@ def get_loss(name: str, **hparams: Any) -> Loss:
         bound.pop("use_weighting")  # False == absent: keeps get_loss(x) == get_loss(x, use_weighting=False)
     if "ld_alpha" in bound and bound["ld_alpha"] is None:
         bound.pop("ld_alpha")
-    if "ld_alpha" in bound and not 0.0 <= float(bound["ld_alpha"]) <= 1.0:
-        raise ValueError(f"loss {name!r}: ld_alpha={bound['ld_alpha']} must lie in [0, 1]")
+    check_ranges(name, bound, spec.ranges)
     if spec.bind is not None:
         bound = spec.bind(bound)
     return Loss(name, bound)
