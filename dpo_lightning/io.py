@@ -35,7 +35,12 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that writes ``<file>.tmp`` and renames it over ``<file>``."""
+    """Lightning checkpoint IO that writes ``<file>.tmp`` and renames it over ``<file>``, and reads checkpoints
+    with ``weights_only=True`` (tensors and plain containers only: a planted file cannot run code)."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location,
+                                       weights_only=True if weights_only is None else weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)

@@ -204,7 +204,10 @@ class PreferenceLitModule(L.LightningModule):
         checkpoint["loss_state"] = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.loss_state.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = [k for k in self.state_dict() if k.startswith("policy.") and k not in checkpoint["state_dict"]]
+        """Check a plain checkpoint holds the policy, and restore the loss's running state. DeepSpeed hands
+        over its client state without ``state_dict``: its engine has loaded the weights itself."""
+        weights = checkpoint.get("state_dict")
+        missing = [] if weights is None else [k for k in self.state_dict() if k.startswith("policy.") and k not in weights]
         if missing:
             raise KeyError(f"checkpoint lacks policy weights, e.g. {missing[:3]}; was it saved by this module?")
         self.loss_state.update(checkpoint.get("loss_state", {}))

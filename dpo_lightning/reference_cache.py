@@ -18,7 +18,8 @@ models over ``HASH_TENSOR_LIMIT`` bytes the weight files' content ids), the toke
 merges, special tokens, chat template), the truncation settings and the tokenized rows themselves (ids of
 prompt and completions, in order; the layout is irrelevant). Change any of them and the values are recomputed;
 keep them all and a second run (or every job of a sweep) loads the file instead. Files are written atomically
-(temp file + rename) under ``<cache_dir>/reference/<key>.pt``.
+(temp file + rename) as safetensors under ``<cache_dir>/reference/<key>.safetensors``: reading one runs no
+code (no pickle), so a cache folder shared between users is safe.
 
 KTO's KL rows pair prompt i with completion i-1 *of the same batch*: their reference values depend on how the
 data is batched, so they cannot be precomputed; that combination is refused.
@@ -39,7 +40,7 @@ import torch
 
 from dpo_lightning.logprobs import sequence_logps
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: safetensors files
 HASH_TENSOR_LIMIT = 4 * 2**30  # above this many bytes of weights, hash the weight files instead
 PAIRED_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_shared_logps", "ref_rejected_shared_logps")
 UNPAIRED_KEYS = ("ref_logps",)
@@ -167,11 +168,15 @@ def compute_reference_logps(model: torch.nn.Module, rows: list[dict[str, Any]], 
 
 
 def save_atomic(path: Path, values: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write ``values`` as a safetensors file (tensors + a JSON metadata string; no pickle), atomically."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
-        torch.save({"values": values, "meta": meta}, tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in values.items()}, tmp,
+                  metadata={"meta": json.dumps(meta, sort_keys=True, default=str)})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -179,11 +184,15 @@ def save_atomic(path: Path, values: dict[str, torch.Tensor], meta: dict[str, Any
 
 
 def load(path: Path, n_rows: int) -> dict[str, torch.Tensor] | None:
+    """The cached values, or None (a miss) when the file is unreadable, not safetensors, or for other rows.
+    Reading a safetensors file runs no code, so a shared cache folder is safe to read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        blob = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError):
+        values = load_file(str(path))
+    except (OSError, SafetensorError, ValueError, RuntimeError):
         return None
-    values = blob.get("values", {}) if isinstance(blob, dict) else {}
     if not values or any(v.numel() != n_rows for v in values.values()):
         return None
     return values
@@ -203,7 +212,7 @@ def cached_reference_logps(rows: list[dict[str, Any]], model: torch.nn.Module, c
                            is_writer: bool = True, barrier=None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load the rows' reference values from the cache, or compute and save them. Returns (values, info)."""
     key = cache_key(weights=weights, tokenizer=tokenizer, truncation=truncation, rows=rows_fingerprint(rows))
-    path = cache_root(cache_dir) / f"{key}.pt"
+    path = cache_root(cache_dir) / f"{key}.safetensors"
     info: dict[str, Any] = {"key": key, "path": str(path), "rows": len(rows)}
     values = load(path, len(rows)) if path.exists() else None
     if values is None and not is_writer and barrier is not None:

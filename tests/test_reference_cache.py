@@ -89,7 +89,7 @@ def test_cache_is_reused_and_invalidated_by_tokenizer_truncation_and_weights(pol
         data = rows[:-1] if what == "data" else rows
         _, info = cached_reference_logps(data, policy, collator, **kw)
         assert not info["hit"] and len(calls) == n + 1, what
-    assert len(list(tmp_path.glob("reference/*.pt"))) == 5
+    assert len(list(tmp_path.glob("reference/*.safetensors"))) == 5
     assert not list(tmp_path.glob("reference/.tmp-*"))  # written atomically
 
 

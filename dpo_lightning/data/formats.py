@@ -150,6 +150,34 @@ def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
+def _mixed_prompt(prompt: Any, chosen: Any, rejected: Any, where: str, i: int) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) all text or all messages, when the prompt is one and the completions the other.
+
+    * messages prompt, text completions: each completion becomes one assistant turn;
+    * text prompt, completions that are whole conversations repeating it (``HuggingFaceH4/ultrafeedback_binarized``):
+      the conversations' shared turns are the prompt;
+    * text prompt, assistant-only completions: the prompt becomes one user turn.
+    A text prompt that the conversations neither repeat nor can follow is refused (it would be dropped).
+    """
+    if is_messages(prompt) == is_messages(chosen):
+        return prompt, chosen, rejected
+    if is_messages(prompt):
+        if not isinstance(chosen, str) or not isinstance(rejected, str):
+            raise DataError(f"{where}: row {i}: fields 'chosen' and 'rejected' must both be text or both messages")
+        return prompt, [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+    shared, c, r = extract_prompt(chosen, rejected)
+    if shared:
+        if any(m["role"] != "assistant" and m["content"].strip() == prompt.strip() for m in shared):
+            return shared, c, r
+        raise DataError(f"{where}: row {i}: field 'prompt' is text that the conversations in 'chosen'/'rejected' "
+                        "do not contain; give the prompt as messages, or leave it out to use the conversations' "
+                        "shared turns")
+    if all(m["role"] == "assistant" for m in chosen + rejected):
+        return [{"role": "user", "content": prompt}], chosen, rejected
+    raise DataError(f"{where}: row {i}: field 'prompt' is text but 'chosen'/'rejected' are conversations with "
+                    "their own non-assistant turns and no shared prefix; give the prompt as messages")
+
+
 def normalize(rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
     """Check every row and return canonical records: paired (prompt/chosen/rejected) or unpaired
     (prompt/completion/label). Structural errors raise ``DataError``; mixing the two kinds does too."""
@@ -172,9 +200,7 @@ def normalize(rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
             _check_field(row, f, where, i)
         if row.get("prompt") is not None:
             _check_field(row, "prompt", where, i)
-            prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-            if is_messages(prompt) != is_messages(chosen):  # prompt text + full conversations: re-extract
-                prompt, chosen, rejected = extract_prompt(chosen, rejected)
+            prompt, chosen, rejected = _mixed_prompt(row["prompt"], row["chosen"], row["rejected"], where, i)
         else:
             prompt, chosen, rejected = extract_prompt(row["chosen"], row["rejected"])
         if isinstance(chosen, list) != isinstance(rejected, list):

@@ -10,7 +10,8 @@ Truncation (all lengths in tokens, applied per row so both completions keep one 
   * ``max_length``: keep_start cuts each completion so prompt + completion <= max_length (identical to
     TRL 1.16's per-sequence ``[:max_length]``); keep_end drops the oldest prompt tokens so the longer
     completion fits whole (TRL 1.16 supports keep_start only; its per-sequence keep_end would give the
-    two completions different prompts).
+    two completions different prompts). A completion longer than the room left by one prompt token is cut
+    at its end in both modes: the tokens scored are always the ones that follow the prompt.
 Rows left without a prompt token or without a completion token are dropped and counted by reason.
 """
 
@@ -74,7 +75,7 @@ def truncate(prompt: list[int], completions: list[list[int]], cfg: TruncationCon
         if keep_end and len(prompt) + longest > cfg.max_length:
             budget = max(cfg.max_length - longest, 1)
             prompt = prompt[-budget:] if prompt else prompt
-            completions = [c[-(cfg.max_length - len(prompt)):] for c in completions]
+            completions = [c[: cfg.max_length - len(prompt)] for c in completions]  # each keeps its start
         elif not keep_end:
             if len(prompt) >= cfg.max_length:
                 return None, "prompt_fills_max_length"
