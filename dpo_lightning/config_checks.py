@@ -61,6 +61,25 @@ def check_values(cfg: DictConfig, error: type[Exception]) -> None:
             raise error(f"{key}={value}: must lie in {rng}")
 
 
+def check_adapter(cfg: DictConfig, error: type[Exception], *, training: bool) -> None:
+    """``peft.adapter_path`` names a saved adapter; ``dpo-eval`` with adapters evaluates a trained one."""
+    peft = _get(cfg, "peft")
+    if not peft or peft.get("method", "lora") in (None, "none"):
+        return
+    path = peft.get("adapter_path")
+    if path:
+        from pathlib import Path
+
+        local = Path(str(path)).expanduser()
+        if (local.exists() or str(path).startswith((".", "/", "~"))) and not (local / "adapter_config.json").is_file():
+            raise error(f"peft.adapter_path={path}: no adapter_config.json there; point it at a folder written by "
+                        "save_pretrained of a PEFT model (dpo-train's export with export_merged=false)")
+    elif not training:
+        raise error("dpo-eval with peft=lora would evaluate fresh adapters (B = 0: the policy equals its base); set "
+                    "peft.adapter_path=<the trained adapter folder, e.g. outputs/train/runs/<run>/export>, or "
+                    "evaluate a merged export with peft=none")
+
+
 def check_reference(cfg: DictConfig, error: type[Exception]) -> None:
     """The checks that used to run only once the model had loaded."""
     loss = loss_from_config(cfg)

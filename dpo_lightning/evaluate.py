@@ -1,8 +1,12 @@
 """dpo-eval: score a policy against a reference on a dataset; print and write the val/ metrics as JSON.
 
-    dpo-eval model=hf model.name_or_path=outputs/train/runs/<run>/export data.path=pairs.jsonl
-    dpo-eval reference.name_or_path=gpt2 model.name_or_path=./my-policy loss=ipo
-    python -m dpo_lightning.evaluate split=all
+    dpo-eval model=hf model.name_or_path=outputs/train/runs/<run>/export data.path=heldout.jsonl
+    dpo-eval model=hf model.name_or_path=outputs/train/runs/<run>/export split=heldout   # dpo-train's held-out rows
+    dpo-eval reference.name_or_path=gpt2 model=hf model.name_or_path=./my-policy loss=ipo
+    dpo-eval model=hf model.name_or_path=<base> peft=lora peft.adapter_path=outputs/train/runs/<run>/export
+
+Every row of data.path by default (data.val_path when given). The reference is reference.name_or_path, or
+the one the export records (reference.json), or the adapter-disabled base; see ``eval_setup.py``.
 
 The metrics are the training module's own (same loss, same names), averaged over the whole set.
 """
@@ -22,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dpo_lightning.configs import config_dir
 from dpo_lightning.data.formats import DataError
+from dpo_lightning.eval_setup import eval_rows, prepare_eval
 from dpo_lightning.io import atomic_write_json
 from dpo_lightning.module import PreferenceLitModule
 from dpo_lightning.runtime import print_config_tree
@@ -33,6 +38,8 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate and return {metric: value}; also written to ``cfg.output_json``."""
+    for note in prepare_eval(cfg):  # rows, reference from the export's record, ignored training settings
+        print(f"[dpo-eval] {note}")
     validate_config(cfg, training=False)  # before any model loads
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("print_config"):
@@ -46,16 +53,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                                  **(OmegaConf.to_container(cfg.engine, resolve=True) if cfg.get("engine") else {}))
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
                           enable_model_summary=False, strategy=build_strategy(cfg.get("strategy")))
-    dm.setup("validate")
-    use_val = cfg.get("split", "auto") == "auto" and bool(dm.val_rows)
-    rows = dm.val_rows if use_val else dm.train_rows + dm.val_rows
+    rows, split = eval_rows(dm, cfg.get("split", "all"))
     loader = dm._loader(sorted(rows, key=lambda r: r["index"]), dm.eval_batch_size, shuffle=False)
     results = trainer.validate(module, dataloaders=loader, verbose=False)[0]
     metrics = {k: float(v) for k, v in sorted(results.items())}
     report = {"metrics": metrics, "num_examples": len(rows), "policy": model_spec.name_or_path,
               "reference": module.reference_mode if module.reference_mode != "model"
               else module.reference_spec.name_or_path, "loss": {"name": loss.name, **loss.hparams},
-              "data": str(cfg.data.path), "split": "held-out" if use_val else "all"}
+              "data": str(cfg.data.val_path or cfg.data.path), "split": split}
     atomic_write_json(cfg.output_json, report)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {cfg.output_json}")

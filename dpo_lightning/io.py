@@ -49,10 +49,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: bool = False) -> Path:
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder (no error when absent)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def replace_folder(tmp: Path, out_dir: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out_dir``: an old ``out_dir`` (folder or file) is renamed aside
+    first and deleted only once the new one is in place, so a crash leaves the old one (or its aside copy
+    ``.<name>.old``), never nothing."""
+    aside = out_dir.with_name(f".{out_dir.name}.old")
+    remove_path(aside)
+    if out_dir.exists() or out_dir.is_symlink():
+        out_dir.rename(aside)
+    tmp.rename(out_dir)
+    remove_path(aside)
+
+
+def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: bool = False,
+                      records: dict[str, Any] | None = None) -> Path:
     """``save_pretrained`` the policy (+ tokenizer) into ``out_dir`` atomically (temp folder + rename).
 
     A PEFT policy is saved as its adapter, or merged into the base weights when ``merge_adapters``.
+    ``records`` are small JSON files written beside the weights (``{"reference.json": {...}}``).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -65,9 +87,9 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: 
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        for name, data in (records or {}).items():
+            atomic_write_json(tmp / name, data)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -104,8 +104,34 @@ def _use_full_forward(module: Any, why: str) -> None:
         module.full_logits = True
 
 
+# --------------------------------------------------------------------------- atomic checkpoint folders
+class AtomicFolderSave:
+    """Sharded checkpoints are folders (one file per rank): every rank writes into ``.<name>.tmp`` beside the
+    target, then rank 0 renames it into place (the old checkpoint renamed aside first, ``io.replace_folder``),
+    so a process killed mid-save leaves the previous checkpoint whole. Needs a filesystem all ranks share."""
+
+    def _saves_folder(self) -> bool:
+        return True
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any = None) -> None:
+        if not self._saves_folder():
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from dpo_lightning.io import remove_path, replace_folder
+
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.with_name(f".{path.name}.tmp")
+        if self.is_global_zero:
+            remove_path(tmp)  # left by a save that was killed
+        self.barrier("atomic_checkpoint_begin")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("atomic_checkpoint_written")
+        if self.is_global_zero:
+            replace_folder(tmp, path)
+        self.barrier("atomic_checkpoint_done")
+
+
 # --------------------------------------------------------------------------- FSDP (1)
-class FSDPStrategy(_LFSDP):
+class FSDPStrategy(AtomicFolderSave, _LFSDP):
     """Lightning's ``FSDPStrategy`` wrapping each decoder layer (found from the model) as an FSDP unit.
 
     Args:
@@ -150,6 +176,9 @@ class FSDPStrategy(_LFSDP):
         self._root = super()._setup_model(model)
         return self._root
 
+    def _saves_folder(self) -> bool:
+        return self._state_dict_type == "sharded"
+
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Resume from a sharded checkpoint that lacks the frozen reference (``on_save_checkpoint`` drops it):
         load every other weight, and keep the reference as built from its source."""
@@ -175,7 +204,7 @@ class FSDPStrategy(_LFSDP):
 
 
 # --------------------------------------------------------------------------- FSDP2 (ModelParallelStrategy)
-class ModelParallelStrategy(_LModelParallel):
+class ModelParallelStrategy(AtomicFolderSave, _LModelParallel):
     """Lightning's ``ModelParallelStrategy`` used for pure data parallelism with FSDP2 (``fully_shard``).
 
     Each decoder layer of the policy and of the reference, then each whole model, becomes a ``fully_shard``
@@ -196,6 +225,9 @@ class ModelParallelStrategy(_LModelParallel):
         self._checkpoint_layers = bool(activation_checkpointing)
         self._reshard = bool(reshard_after_forward)
         self._sharded = False
+
+    def _saves_folder(self) -> bool:
+        return bool(self._save_distributed_checkpoint)
 
     def setup_environment(self) -> None:
         if self._tensor_parallel_size == 1 and self._data_parallel_size == "auto":
@@ -245,13 +277,14 @@ class ModelParallelStrategy(_LModelParallel):
 
 
 # --------------------------------------------------------------------------- DeepSpeed
-class DeepSpeedStrategy(_LDeepSpeed):
+class DeepSpeedStrategy(AtomicFolderSave, _LDeepSpeed):
     """Lightning's ``DeepSpeedStrategy`` (ZeRO stage 2 or 3, optional CPU offload).
 
     With an offloaded optimizer DeepSpeed would refuse our ``torch.optim`` optimizer; we allow it
     (``zero_force_ds_cpu_optimizer: false``). ``optimizer.name=deepspeed.ops.adam.DeepSpeedCPUAdam`` is faster.
     Under ZeRO-3 the log-probs go through the model's own forward. Frozen weights (the reference; the base
-    model under LoRA) are left out of checkpoints: they are rebuilt from their source.
+    model under LoRA) are left out of checkpoints: they are rebuilt from their source. Checkpoint folders
+    are written atomically (``AtomicFolderSave``).
     """
 
     def __init__(self, stage: int = 2, offload_optimizer: bool = False, offload_parameters: bool = False,
@@ -325,6 +358,7 @@ def export_policy(trainer, module, tokenizer, out_dir: str | Path, *, merge_adap
 
     A LoRA policy is saved as its adapter, or merged into the base weights with ``merge_adapters``; a
     quantized (QLoRA) policy is merged into a freshly loaded full-precision base (``model.dtype``).
+    ``reference.json`` beside the weights records the reference (``export_record.py``) for ``dpo-eval``.
     """
     from dpo_lightning.io import export_pretrained
 
@@ -349,7 +383,10 @@ def export_policy(trainer, module, tokenizer, out_dir: str | Path, *, merge_adap
         fresh = _fresh_policy(module, quantized=False)
         set_peft_model_state_dict(fresh, {k: v.detach().cpu() for k, v in get_peft_model_state_dict(policy).items()})
         policy = fresh
-    return export_pretrained(policy, tokenizer, out_dir, merge_adapters=merge_adapters)
+    from dpo_lightning.export_record import REFERENCE_FILE, reference_record
+
+    return export_pretrained(policy, tokenizer, out_dir, merge_adapters=merge_adapters,
+                             records={REFERENCE_FILE: reference_record(module)})
 
 
 def build_strategy(node: Any):

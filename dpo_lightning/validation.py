@@ -55,12 +55,13 @@ def uses_cuda(cfg: DictConfig) -> bool:
 def validate_config(cfg: DictConfig, *, training: bool = True) -> None:
     """Raise ``ConfigError`` for a combination that cannot work. ``training=False`` (dpo-eval) skips the
     checks that only concern training (quantized weights without adapters, ...)."""
-    from dpo_lightning.config_checks import check_reference, check_values
+    from dpo_lightning.config_checks import check_adapter, check_reference, check_values
     from dpo_lightning.models.quantization import bnb_kwargs, quantization_bits
     from dpo_lightning.strategies import SHARDED_KINDS, strategy_kind
 
     check_values(cfg, ConfigError)  # every hyperparameter in its valid range
     check_reference(cfg, ConfigError)
+    check_adapter(cfg, ConfigError, training=training)
     accelerator = str(_get(cfg, "trainer.accelerator", "auto")).lower()
     cuda = uses_cuda(cfg)
     if accelerator in ("gpu", "cuda") and not _cuda_available():

@@ -59,11 +59,13 @@ def test_resume_from_checkpoint(trained, tmp_path):
 
 def test_eval_writes_json(trained, tmp_path):
     out = tmp_path / "eval.json"
-    res = run("evaluate", f"model.name_or_path={trained}/export", "reference.name_or_path=builtin:tiny-llama",
+    # the training command's own overrides (logger too), the held-out rows, the reference the export records
+    res = run("evaluate", f"model.name_or_path={trained}/export", "split=heldout", "logger=csv",
               "data.max_length=48", "seed=1", f"output_json={out}", f"paths.output_dir={tmp_path}")
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert report["split"] == "held-out" and report["num_examples"] == 120
+    assert report["split"] == "heldout" and report["num_examples"] == 120
+    assert report["reference"] == "builtin:tiny-llama" and "reference.json" in res.stdout
     for key in ("val/loss", "val/rewards/accuracies", "val/rewards/chosen", "val/logps/rejected"):
         assert key in report["metrics"]
     assert report["metrics"]["val/rewards/accuracies"] > 0.5  # the trained policy beats its reference

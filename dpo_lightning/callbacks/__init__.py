@@ -1,6 +1,7 @@
 """Lightning callbacks shipped with dpo_lightning."""
 
+from dpo_lightning.callbacks.checkpoint import PreferenceCheckpoint, selection_metric
 from dpo_lightning.callbacks.curves import TrainingCurves
 from dpo_lightning.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["ThroughputMonitor", "TrainingCurves"]
+__all__ = ["PreferenceCheckpoint", "ThroughputMonitor", "TrainingCurves", "selection_metric"]

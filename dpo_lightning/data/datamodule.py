@@ -25,6 +25,7 @@ from dpo_lightning.data.collate import PreferenceCollator, UnpairedCollator, che
 from dpo_lightning.data.formats import DataError, load_records, normalize, pairs_to_unpaired
 from dpo_lightning.data.sampler import LengthGroupedSampler, ResumableDataLoader
 from dpo_lightning.data.tokenize import TruncationConfig, tokenize_records
+from dpo_lightning.data.units import UnitCollator, make_units, units_per_batch
 
 CACHE_VERSION = "2"
 
@@ -101,7 +102,8 @@ class PreferenceDataModule(L.LightningDataModule):
         path: JSONL/JSON/Parquet/CSV file, saved ``datasets`` folder, or hub dataset id.
         tokenizer: a tokenizer, or a hub id / path / ``ModelSpec`` to load it from.
         val_path: held-out data; otherwise ``val_fraction`` of ``path`` is held out (seeded).
-        batch_size: pairs per device step; ``eval_batch_size`` defaults to it.
+        batch_size: pairs per device step (rows for unpaired data; split pairs and KTO rows travel in units
+            of two rows, ``units.py``); ``eval_batch_size`` defaults to it.
         paired: False turns pairs into (prompt, completion, label) rows for unpaired losses (KTO);
             None keeps the data's own kind.
         kl_pairs: add TRL KTO's mismatched (prompt i, completion i-1) rows to unpaired batches.
@@ -212,17 +214,18 @@ class PreferenceDataModule(L.LightningDataModule):
         return [length(r) for r in rows]
 
     def _loader(self, rows: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
-        if not shuffle:
-            # KTO's KL estimate needs >= 2 rows a batch: grow the batch until no single row trails
-            while self.kl_pairs and len(rows) > batch_size and len(rows) % batch_size == 1:
-                batch_size += 1
-            return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=self.collator(),
+        # a split pair's rows, and KTO's rows two by two, travel as one unit (same rank, same batch; units.py)
+        units = make_units(rows, from_pairs=self.from_pairs, kl_pairs=self.kl_pairs)
+        items, collate = (rows, self.collator()) if units is None else (units, UnitCollator(self.collator()))
+        if units is not None:
+            batch_size = units_per_batch(batch_size)
+        if not shuffle:  # Lightning gives each rank its share of ``items`` (DistributedSampler) under DDP
+            return DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate,
                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-        sampler = LengthGroupedSampler(self.row_lengths(rows), batch_size, seed=self.seed,
-                                       group_by_length=self.group_by_length)
-        return ResumableDataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=self.collator(),
-                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                                   drop_last=self.kl_pairs)  # no single-row KTO batch (KL needs two)
+        lengths = self.row_lengths(rows) if units is None else [sum(self.row_lengths(u)) for u in units]
+        sampler = LengthGroupedSampler(lengths, batch_size, seed=self.seed, group_by_length=self.group_by_length)
+        return ResumableDataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_rows, self.batch_size, shuffle=True)

@@ -1,6 +1,7 @@
 """Parameter-efficient fine-tuning: wrap the loaded policy in LoRA adapters (the ``peft`` config group).
 
     peft=lora                       LoRA on every linear layer of the decoder (``target_modules: all-linear``)
+    peft.adapter_path=<folder>      start from a saved adapter (dpo-train) / evaluate it (dpo-eval)
     peft=lora quantization=bnb_4bit QLoRA: 4-bit frozen base, LoRA adapters, k-bit training preparation
 
 Only the adapter weights train. The reference is then the policy with its adapters disabled
@@ -26,7 +27,7 @@ _LORA_KEYS = {
     "init_lora_weights": "init_lora_weights", "layers_to_transform": "layers_to_transform",
     "exclude_modules": "exclude_modules",
 }
-_OWN_KEYS = {"method"}
+_OWN_KEYS = {"method", "adapter_path"}
 
 
 def lora_config(settings: dict[str, Any]):
@@ -63,7 +64,13 @@ def apply_peft(model: torch.nn.Module, settings: dict[str, Any] | None) -> torch
 
     if is_quantized(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, lora_config(settings))
+    if settings.get("adapter_path"):  # a saved adapter (its own r, alpha, targets), trainable
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(settings["adapter_path"]), is_trainable=True)
+        log.info("LoRA: loaded the adapter in %s (its own r / alpha / target modules)", settings["adapter_path"])
+    else:
+        model = get_peft_model(model, lora_config(settings))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))

@@ -1,0 +1,44 @@
+"""Which held-out metric selects the best checkpoint, chosen in one place from the loss and the data.
+
+    selection_metric(loss, from_pairs)  ->  ("val/rewards/accuracies", "max") when the data has pairs
+                                            (paired losses, or unpaired losses on pairs split into rows),
+                                            ("val/loss", "min") otherwise (KTO/BCO on natively unpaired rows:
+                                            no pair, so no reward accuracy is logged)
+
+``PreferenceCheckpoint`` is Lightning's ``ModelCheckpoint`` with ``monitor="auto"`` resolved from the
+module's loss and the data module when training starts (any explicit ``monitor`` is kept as given).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+def selection_metric(loss: Any, from_pairs: bool) -> tuple[str, str]:
+    """(metric, mode): reward accuracy (comparable across loss types) when pairs exist, else the loss."""
+    if getattr(loss, "paired", True) or from_pairs:
+        return "val/rewards/accuracies", "max"
+    return "val/loss", "min"
+
+
+class PreferenceCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``monitor="auto"`` / ``mode="auto"`` follow ``selection_metric``."""
+
+    def __init__(self, *args: Any, monitor: str | None = "auto", mode: str = "auto", **kwargs: Any) -> None:
+        self._auto_monitor, self._auto_mode = monitor == "auto", mode == "auto"
+        super().__init__(*args, monitor=None if self._auto_monitor else monitor,
+                         mode="max" if self._auto_mode else mode, **kwargs)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self._auto_monitor or self._auto_mode:
+            loss = getattr(pl_module, "loss_fn", None)
+            metric, mode = selection_metric(loss, bool(getattr(trainer.datamodule, "from_pairs", False)))
+            if self._auto_monitor:
+                self.monitor = metric
+            if self._auto_mode and self.monitor == metric:
+                self.mode = mode
+                self.kth_value = torch.tensor(torch.inf if mode == "min" else -torch.inf)
+        super().setup(trainer, pl_module, stage)

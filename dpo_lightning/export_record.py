@@ -1,0 +1,42 @@
+"""Where an export's reference came from: ``reference.json`` beside the exported weights.
+
+``dpo-train`` writes it inside the export (in the same temporary folder, so it appears with the weights or
+not at all); ``dpo-eval`` of that export reads it and scores the policy against the same reference, instead
+of against a copy of the evaluated policy (which makes every reward 0).
+
+    {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct", "dtype": "bfloat16", "revision": null,
+     "mode": "copy", "loss": "sigmoid"}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+REFERENCE_FILE = "reference.json"
+
+
+def reference_record(module) -> dict[str, Any]:
+    """The reference of ``module`` (a ``PreferenceLitModule``) as a JSON-able dict: a separately named model,
+    else the policy's initial weights (copy, adapter-disabled base, cached or reference-free training alike)."""
+    spec, model = module.reference_spec, module.model_spec
+    name = spec.name_or_path or model.name_or_path
+    if not name.startswith("builtin:") and Path(name).exists():
+        name = str(Path(name).resolve())  # a relative local path would depend on the working directory
+    record: dict[str, Any] = {"name_or_path": name, "dtype": spec.dtype or model.dtype,
+                              "revision": None if spec.name_or_path else model.revision,
+                              "mode": module.reference_mode, "loss": module.loss_fn.name}
+    if name.startswith("builtin:"):
+        record["tiny"] = dict(model.tiny or {})
+    return record
+
+
+def read_reference_record(model_path: str | Path) -> dict[str, Any] | None:
+    """The record of a local export folder, or None (hub id, no record, unreadable)."""
+    path = Path(str(model_path)).expanduser() / REFERENCE_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("name_or_path") else None
