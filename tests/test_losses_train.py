@@ -90,16 +90,18 @@ def test_two_steps_move_every_parameter(name, hparams, datamodules, tiny_path, m
 
 @pytest.mark.parametrize("batch_size", [3, 5])
 def test_kto_trains_with_odd_batch_sizes(batch_size, default_data_path, tiny_path):
-    """Paired data split into unpaired rows, mismatched KL rows built per batch, odd batch sizes."""
+    """Paired data split into unpaired rows, mismatched KL rows built per batch, odd batch sizes (rounded up to
+    whole pairs: a pair's two rows share a batch, ``data/units.py``)."""
     loss = get_loss("kto")
     dm = PreferenceDataModule(default_data_path, ModelSpec(str(tiny_path)), batch_size=batch_size, max_length=64,
                               paired=loss.paired, kl_pairs=loss.needs_kl_pairs)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["num_sequences"] == 2 * batch_size  # rows + their KL rows
+    rows = batch_size + 1  # whole pairs
+    assert batch["index"].numel() == rows and batch["num_sequences"] == 2 * rows  # rows + their KL rows
     module = PreferenceLitModule(ModelSpec(str(tiny_path)), loss=loss, optimizer={"lr": 1e-2})
     out, metrics = module.compute_loss(batch)
-    assert out.losses.shape == (batch_size,) and torch.isfinite(out.loss) and "kl" in metrics
+    assert out.losses.shape == (rows,) and torch.isfinite(out.loss) and "kl" in metrics
     trainer = _trainer()
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2

@@ -147,7 +147,7 @@ def test_logsigmoid_identity():  # guards the loss's numerics for large margins
 
 
 def test_kto_loaders_never_yield_a_single_row_batch(default_data_path, tiny_path):
-    """KTO's KL estimate needs two rows: train drops a trailing single row, validation merges it."""
+    """KTO's KL estimate needs two rows: rows travel in units of at least two (data/units.py)."""
     dm = PreferenceDataModule(default_data_path, str(tiny_path), batch_size=3, max_length=64, paired=False,
                               kl_pairs=True, val_fraction=0.1)
     dm.setup("fit")

@@ -103,7 +103,7 @@ class PreferenceDataModule(L.LightningDataModule):
         tokenizer: a tokenizer, or a hub id / path / ``ModelSpec`` to load it from.
         val_path: held-out data; otherwise ``val_fraction`` of ``path`` is held out (seeded).
         batch_size: pairs per device step (rows for unpaired data; split pairs and KTO rows travel in units
-            of two rows, ``units.py``); ``eval_batch_size`` defaults to it.
+            of two rows, so an odd size rounds up, ``units.py``); ``eval_batch_size`` defaults to it.
         paired: False turns pairs into (prompt, completion, label) rows for unpaired losses (KTO);
             None keeps the data's own kind.
         kl_pairs: add TRL KTO's mismatched (prompt i, completion i-1) rows to unpaired batches.

@@ -4,7 +4,8 @@ A split pair (``paired=False`` on paired data: rows 2i, 2i+1 are pair i's chosen
 so reward accuracy can compare the two rows of every pair on any number of ranks. With KTO's KL rows
 (``kl_pairs``) every unit holds at least two rows (single rows are joined), because the KL estimate pairs
 each prompt with another row's completion of the same batch: no rank ever gets a one-row batch, whatever
-the world size. Batches then hold ``batch_size // 2`` units (``batch_size`` rows when units are pairs).
+the world size. Batches then hold ``ceil(batch_size / 2)`` units: ``batch_size`` rows when units are pairs,
+rounded up to whole pairs for an odd ``batch_size``.
 
 Without either, rows are independent and batched as they are (``make_units`` returns None).
 """
@@ -46,8 +47,8 @@ def make_units(rows: list[dict[str, Any]], *, from_pairs: bool, kl_pairs: bool) 
 
 
 def units_per_batch(batch_size: int) -> int:
-    """Units in a batch of about ``batch_size`` rows."""
-    return max(1, batch_size // 2)
+    """Units in a batch of about ``batch_size`` rows (an odd size rounds up to whole pairs)."""
+    return max(1, -(-batch_size // 2))
 
 
 @dataclass
