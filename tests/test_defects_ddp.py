@@ -96,3 +96,8 @@ def test_the_selection_metric_follows_loss_and_data():
     for name in ("kto", "bco", "apo_zero_unpaired"):
         assert selection_metric(get_loss(name), from_pairs=True) == ("val/rewards/accuracies", "max")
         assert selection_metric(get_loss(name), from_pairs=False) == ("val/loss", "min")
+    from dpo_lightning.callbacks import PreferenceCheckpoint
+
+    assert PreferenceCheckpoint(monitor="val/loss").mode == "min"  # an explicit metric gets its own direction
+    assert PreferenceCheckpoint(monitor="val/rewards/margins").mode == "max"
+    assert PreferenceCheckpoint(monitor="val/loss", mode="max").mode == "max"  # as the user says

@@ -24,21 +24,27 @@ def selection_metric(loss: Any, from_pairs: bool) -> tuple[str, str]:
     return "val/loss", "min"
 
 
+def metric_mode(metric: str) -> str:
+    """``min`` for a loss (``val/loss``, ``val/nll_loss``, ...), ``max`` for anything else (accuracies, margins)."""
+    return "min" if metric.rsplit("/", 1)[-1].endswith("loss") else "max"
+
+
 class PreferenceCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``monitor="auto"`` / ``mode="auto"`` follow ``selection_metric``."""
+    """``ModelCheckpoint`` whose ``monitor="auto"`` follows ``selection_metric`` and whose ``mode="auto"``
+    follows the monitored metric (``metric_mode``)."""
 
     def __init__(self, *args: Any, monitor: str | None = "auto", mode: str = "auto", **kwargs: Any) -> None:
         self._auto_monitor, self._auto_mode = monitor == "auto", mode == "auto"
+        if self._auto_mode and not self._auto_monitor and monitor:
+            mode, self._auto_mode = metric_mode(monitor), False
         super().__init__(*args, monitor=None if self._auto_monitor else monitor,
                          mode="max" if self._auto_mode else mode, **kwargs)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self._auto_monitor or self._auto_mode:
+        if self._auto_monitor:
             loss = getattr(pl_module, "loss_fn", None)
-            metric, mode = selection_metric(loss, bool(getattr(trainer.datamodule, "from_pairs", False)))
-            if self._auto_monitor:
-                self.monitor = metric
-            if self._auto_mode and self.monitor == metric:
+            self.monitor, mode = selection_metric(loss, bool(getattr(trainer.datamodule, "from_pairs", False)))
+            if self._auto_mode:
                 self.mode = mode
                 self.kth_value = torch.tensor(torch.inf if mode == "min" else -torch.inf)
         super().setup(trainer, pl_module, stage)
