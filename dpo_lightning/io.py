@@ -1,4 +1,4 @@
-"""Atomic file writes, atomic Lightning checkpoints and the final ``save_pretrained`` export.
+"""Atomic file writes, atomic Lightning checkpoints (files and sharded folders) and the final export.
 
 Nothing is half-written: every file goes to a temporary name in the same folder and is renamed into
 place (``os.replace``), so a crash leaves either the old file or the new one.
@@ -67,6 +67,29 @@ def replace_folder(tmp: Path, out_dir: Path) -> None:
         out_dir.rename(aside)
     tmp.rename(out_dir)
     remove_path(aside)
+
+
+class AtomicFolderSave:
+    """Sharded checkpoints are folders (one file per rank): every rank writes into ``.<name>.tmp`` beside the
+    target, then rank 0 renames it into place (the old checkpoint renamed aside first, ``replace_folder``),
+    so a process killed mid-save leaves the previous checkpoint whole. Needs a filesystem all ranks share."""
+
+    def _saves_folder(self) -> bool:
+        return True
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any = None) -> None:
+        if not self._saves_folder():
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.with_name(f".{path.name}.tmp")
+        if self.is_global_zero:
+            remove_path(tmp)  # left by a save that was killed
+        self.barrier("atomic_checkpoint_begin")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("atomic_checkpoint_written")
+        if self.is_global_zero:
+            replace_folder(tmp, path)
+        self.barrier("atomic_checkpoint_done")
 
 
 def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: bool = False,

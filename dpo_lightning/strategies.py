@@ -33,6 +33,8 @@ from lightning.pytorch.strategies import FSDPStrategy as _LFSDP
 from lightning.pytorch.strategies import ModelParallelStrategy as _LModelParallel
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from dpo_lightning.io import AtomicFolderSave
+
 log = logging.getLogger("dpo_lightning")
 
 KINDS = ("auto", "ddp", "fsdp", "model_parallel", "deepspeed")
@@ -102,32 +104,6 @@ def _use_full_forward(module: Any, why: str) -> None:
         rank_zero_info(f"{why}: log-probs use the model's own forward (full logits), since parameters are only "
                        "gathered inside their module's forward")
         module.full_logits = True
-
-
-# --------------------------------------------------------------------------- atomic checkpoint folders
-class AtomicFolderSave:
-    """Sharded checkpoints are folders (one file per rank): every rank writes into ``.<name>.tmp`` beside the
-    target, then rank 0 renames it into place (the old checkpoint renamed aside first, ``io.replace_folder``),
-    so a process killed mid-save leaves the previous checkpoint whole. Needs a filesystem all ranks share."""
-
-    def _saves_folder(self) -> bool:
-        return True
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any = None) -> None:
-        if not self._saves_folder():
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
-        from dpo_lightning.io import remove_path, replace_folder
-
-        path = Path(self.broadcast(str(filepath)))
-        tmp = path.with_name(f".{path.name}.tmp")
-        if self.is_global_zero:
-            remove_path(tmp)  # left by a save that was killed
-        self.barrier("atomic_checkpoint_begin")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        self.barrier("atomic_checkpoint_written")
-        if self.is_global_zero:
-            replace_folder(tmp, path)
-        self.barrier("atomic_checkpoint_done")
 
 
 # --------------------------------------------------------------------------- FSDP (1)
