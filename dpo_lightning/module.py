@@ -152,7 +152,9 @@ class PreferenceLitModule(L.LightningModule):
         if self.reference_mode == "cached":
             from dpo_lightning.reference_cache import precompute_reference
 
-            for info in precompute_reference(self, self.trainer.datamodule):
+            infos = precompute_reference(self, self.trainer.datamodule)
+            self.reference_cache_infos = [*getattr(self, "reference_cache_infos", []), *infos]  # sweep report
+            for info in infos:
                 how = "loaded from" if info["hit"] else f"computed in {info['seconds']:.1f}s, saved to"
                 print(f"[dpo_lightning] reference log-probs for {info['rows']} rows {how} {info['path']}")
 

@@ -28,6 +28,14 @@ from dpo_lightning.io import AtomicCheckpointIO
 from dpo_lightning.module import PreferenceLitModule
 from dpo_lightning.runtime import flatten, prepare_wandb, print_config_tree, save_config, wandb_sync_hint
 from dpo_lightning.strategies import build_strategy, export_policy
+from dpo_lightning.sweeps.hydra_callback import sweep_failures, sweep_job_info
+from dpo_lightning.sweeps.job import (
+    JobInfo,
+    apply_sweep_defaults,
+    finish_globals,
+    run_job,
+    write_final_summary,
+)
 from dpo_lightning.validation import ConfigError, validate_config
 
 log = logging.getLogger("dpo_lightning")
@@ -61,8 +69,19 @@ def _metric(results: list[dict], key: str) -> float | None:
     return float(results[0][key]) if results and key in results[0] else None
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job; returns a summary (accuracies before/after, throughput, paths)."""
+def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, Any]:
+    """Run one training job; returns a summary (accuracies before/after, throughput, paths) and writes it to
+    ``job_summary.json``. Whatever outlives the job in this process (the W&B run) is reset in a ``finally``."""
+    failed = True
+    try:
+        summary = _train(cfg, job)
+        failed = False
+        return summary
+    finally:
+        finish_globals(failed)
+
+
+def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
     start = time.perf_counter()
     validate_config(cfg)  # invalid combinations fail here, before any model loads
     L.seed_everything(cfg.seed, workers=True)
@@ -103,9 +122,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if out is not None:
             summary["export"] = str(out)
     summary["wall_seconds"] = time.perf_counter() - start
+    final = {k: float(v) for k, v in (after[0] if after else {}).items()}
+    final.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("gen/")})
+    summary["final_metrics"] = final
+    summary["reference_passes"] = int(any(not i["hit"] for i in getattr(module, "reference_cache_infos", [])))
+    summary["wandb_run_id"] = next((lg.version for lg in objs["loggers"] if type(lg).__name__ == "WandbLogger"),
+                                   None)
     hint = wandb_sync_hint(objs["loggers"])
     if trainer.is_global_zero:
-        _print_summary(summary, hint)
+        write_final_summary(cfg, summary, job)
+        _print_summary(summary, hint if job is None else None)  # a sweep prints one sync command at its end
     return summary
 
 
@@ -115,6 +141,8 @@ def _print_summary(summary: dict[str, Any], hint: str | None) -> None:
 
     table = Table(title="dpo-train summary", show_header=False)
     for k, v in summary.items():
+        if isinstance(v, dict) or k in ("reference_passes", "wandb_run_id"):
+            continue
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     Console().print(table)
     before, after = summary.get("val/rewards/accuracies (before)"), summary.get("val/rewards/accuracies (after)")
@@ -132,6 +160,11 @@ def _print_summary(summary: dict[str, Any], hint: str | None) -> None:
 def _hydra_main(cfg: DictConfig) -> float | None:
     with open_dict(cfg):  # multirun: every job writes into its own folder
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    job = sweep_job_info(cfg)
+    if job is not None:  # a multirun job: its own W&B run, failures recorded and the sweep goes on
+        apply_sweep_defaults(cfg, job)
+        summary = run_job(train, cfg, job)
+        return None if summary is None else summary.get("val/rewards/accuracies (after)")
     try:
         summary = train(cfg)
     except (DataError, ConfigError, FileNotFoundError) as err:
@@ -142,6 +175,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     _hydra_main()
+    if sweep_failures():  # multirun: the report lists the failed jobs; the exit code says so too
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

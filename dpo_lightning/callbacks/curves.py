@@ -1,4 +1,9 @@
-"""Training curves as a picture: loss, reward accuracy and reward margin per step, train and held-out."""
+"""Training curves as a picture: loss, reward accuracy and reward margin per step, train and held-out.
+
+Per-step train values are noisy: a smoothed line (debiased exponential moving average, as TensorBoard's) is
+drawn over the raw values, which stay faint behind it. Held-out points include the validations run after
+``fit`` (``dpo-train``'s final validation), so the last point is the summary's "after" value.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,18 @@ from pathlib import Path
 import lightning as L
 
 PANELS = ("loss", "rewards/accuracies", "rewards/margins")
+
+
+def smooth(values, weight: float | None = None) -> list[float]:
+    """Debiased exponential moving average; ``weight`` defaults to 1 - 10/n within [0.6, 0.97] (n points)."""
+    values = [float(v) for v in values]
+    if weight is None:
+        weight = min(0.97, max(0.6, 1 - 10 / max(len(values), 1)))
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
 
 
 class TrainingCurves(L.Callback):
@@ -32,11 +49,20 @@ class TrainingCurves(L.Callback):
         for name in self.panels:
             key = f"{split}/{name}"
             if key in metrics:
-                self.history[key].append((trainer.global_step, float(metrics[key])))
+                pts = self.history[key]
+                if split == "val" and pts and pts[-1][0] == trainer.global_step:
+                    pts.pop()  # validated twice at one step (in fit, then after it): keep the latest
+                pts.append((trainer.global_step, float(metrics[key])))
 
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero and self.history:
             self.path = self.save(Path(self.dirpath or trainer.default_root_dir))
+
+    def on_validation_end(self, trainer, pl_module):
+        """A validation run after ``fit`` (``trainer.validate``): redraw with its held-out point."""
+        if self.path is not None and not trainer.sanity_checking and trainer.state.fn == "validate" \
+                and trainer.is_global_zero:
+            self.path = self.save(self.path.parent)
 
     def save(self, folder: Path) -> Path:
         """Write the PNG (and the numbers as CSV) atomically; returns the PNG path."""
@@ -50,10 +76,14 @@ class TrainingCurves(L.Callback):
         folder.mkdir(parents=True, exist_ok=True)
         fig, axes = plt.subplots(1, len(self.panels), figsize=(4.2 * len(self.panels), 3.4))
         for ax, name in zip(axes, self.panels):
-            for split, style in (("train", dict(alpha=0.6, lw=1)), ("val", dict(marker="o", lw=2))):
-                pts = self.history.get(f"{split}/{name}", [])
-                if pts:
-                    ax.plot(*zip(*pts), label=split, **style)
+            pts = self.history.get(f"train/{name}", [])
+            if pts:
+                steps, values = zip(*pts)
+                line, = ax.plot(steps, smooth(values), lw=1.6, label="train (smoothed)")
+                ax.plot(steps, values, color=line.get_color(), alpha=0.2, lw=0.8, label="train (per step)")
+            pts = self.history.get(f"val/{name}", [])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", lw=2, label="held-out")
             ax.set_title(name)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
