@@ -19,7 +19,9 @@ merges, special tokens, chat template), the truncation settings and the tokenize
 prompt and completions, in order; the layout is irrelevant). Change any of them and the values are recomputed;
 keep them all and a second run (or every job of a sweep) loads the file instead. Files are written atomically
 (temp file + rename) as safetensors under ``<cache_dir>/reference/<key>.safetensors``: reading one runs no
-code (no pickle), so a cache folder shared between users is safe.
+code (no pickle), so a cache folder shared between users is safe. The computing process holds
+``<key>.safetensors.lock``, so parallel jobs (joblib, SLURM arrays on a shared filesystem) wait for it and load its
+file instead of computing too.
 
 KTO's KL rows pair prompt i with completion i-1 *of the same batch*: their reference values depend on how the
 data is batched, so they cannot be precomputed; that combination is refused.
@@ -219,21 +221,51 @@ def cached_reference_logps(rows: list[dict[str, Any]], model: torch.nn.Module, c
         barrier()  # the writer rank computes; the others wait and read its file
         values = load(path, len(rows)) if path.exists() else None
         barrier = None
-    if values is not None:
+    if values is None and is_writer:
+        # Other processes (parallel sweep jobs) may want the same values: one computes under the file lock,
+        # the others wait for it and then load its file instead of computing too.
+        with compute_lock(path):
+            values = load(path, len(rows)) if path.exists() else None
+            if values is None:
+                values, seconds = _compute(model, rows, collator, batch_size, chunk_size, device)
+                info.update(hit=False, seconds=seconds)
+                save_atomic(path, values, {"weights": weights, "tokenizer": tokenizer, "truncation": truncation,
+                                           "rows": len(rows), "version": CACHE_VERSION})
+    elif values is None:
+        values, seconds = _compute(model, rows, collator, batch_size, chunk_size, device)
+        info.update(hit=False, seconds=seconds)
+    if "hit" not in info:
         info.update(hit=True, seconds=0.0)
-        if barrier is not None:
-            barrier()
-        return values, info
-    t0 = time.perf_counter()
-    values = compute_reference_logps(model, rows, collator, batch_size=batch_size, chunk_size=chunk_size,
-                                     device=device)
-    info.update(hit=False, seconds=time.perf_counter() - t0)
-    if is_writer:
-        save_atomic(path, values, {"weights": weights, "tokenizer": tokenizer, "truncation": truncation,
-                                   "rows": len(rows), "version": CACHE_VERSION})
     if barrier is not None:
         barrier()
     return values, info
+
+
+def _compute(model, rows, collator, batch_size, chunk_size, device) -> tuple[dict[str, torch.Tensor], float]:
+    t0 = time.perf_counter()
+    values = compute_reference_logps(model, rows, collator, batch_size=batch_size, chunk_size=chunk_size,
+                                     device=device)
+    return values, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def compute_lock(path: Path, poll: float = 0.5):
+    """An exclusive lock on ``<path>.lock`` (``filelock``: fcntl/msvcrt, released if the holder dies); says
+    so when it has to wait for another process computing the same reference values."""
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{path}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"[dpo_lightning] another process is computing these reference log-probs ({path.name}); waiting "
+              "for it (lock file beside it)", flush=True)
+        lock.acquire(poll_interval=poll)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # ------------------------------------------------------------------ the module's hook

@@ -148,8 +148,12 @@ def write_final_summary(cfg: DictConfig, summary: dict[str, Any], job: JobInfo |
 
 
 def error_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
+    """One line naming the root cause (Hydra wraps a constructor's error in an InstantiationException)."""
+    root = err
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[0] if text else ''}".strip()
 
 
 def run_job(train_fn, cfg: DictConfig, job: JobInfo) -> dict[str, Any] | None:

@@ -96,6 +96,7 @@ def load(sweep_dir: str | Path):
     first = ["job", "name"]
     overrides = [c for c in df.columns if c not in first and c != "status" and c not in FINAL_METRICS
                  and c not in GEN_METRICS and c not in TAIL]
+    overrides.sort(key=lambda c: df[c].astype(str).nunique() <= 1 < len(df))  # swept keys first, stable
     gen = [c for c in GEN_METRICS if c in df.columns]
     return df[[*first, *overrides, "status", *FINAL_METRICS, *gen, *TAIL]]
 
