@@ -181,3 +181,35 @@ def test_two_parallel_processes_do_one_reference_pass(tiny_path, tmp_path):
     hits = sorted(results.get(timeout=5) for _ in procs)
     assert hits == [False, True]  # one computed; the other waited on the lock and loaded its file
     assert len(list(tmp_path.glob("reference/*.safetensors"))) == 1
+
+
+# ------------------------------------------------------------------ Optuna search
+def test_optuna_search_spaces_parse_from_hydra_grammar():
+    pytest.importorskip("optuna")
+    import optuna.distributions as d
+
+    from hydra_plugins.dpo_lightning_optuna.optuna_sweeper import DpoOptunaSweeper
+
+    sweeper = DpoOptunaSweeper(params={"loss": "choice(sigmoid, ipo)", "loss.beta": "tag(log, interval(0.01, 1))",
+                                       "data.batch_size": "range(4, 17, 4)"})
+    space, fixed = sweeper._search_space(["seed=3", "optimizer.lr=interval(1e-4, 1e-3)", "data.batch_size=8"])
+    assert fixed == ["seed=3", "data.batch_size=8"]  # a fixed command-line value replaces the config's space
+    assert space == {"loss": d.CategoricalDistribution(["sigmoid", "ipo"]),
+                     "loss.beta": d.FloatDistribution(0.01, 1.0, log=True),
+                     "optimizer.lr": d.FloatDistribution(1e-4, 1e-3)}
+    with pytest.raises(ValueError, match="direction"):
+        DpoOptunaSweeper(direction="up")
+
+
+@pytest.mark.slow
+def test_optuna_three_trials_on_the_embedded_default(tmp_path):
+    pytest.importorskip("optuna")
+    res, sweep = multirun(tmp_path, "hparams_search=optuna_beta", "hydra.sweeper.n_trials=3", "logger=csv")
+    assert res.returncode == 0, res.stderr[-4000:]
+    df = load(sweep)
+    assert len(df) == 3 and (df["status"] == "ok").all()
+    assert {"loss", "loss.beta", "optimizer.lr"} <= set(df.columns) and df["loss.beta"].between(0.01, 1).all()
+    import yaml
+
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["n_trials"] == 3 and results["best_value"] == df["val/rewards/accuracies"].max()
