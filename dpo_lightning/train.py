@@ -28,7 +28,7 @@ from dpo_lightning.io import AtomicCheckpointIO
 from dpo_lightning.module import PreferenceLitModule
 from dpo_lightning.runtime import flatten, prepare_wandb, print_config_tree, save_config, wandb_sync_hint
 from dpo_lightning.strategies import build_strategy, export_policy
-from dpo_lightning.sweeps.hydra_callback import sweep_failures, sweep_job_info
+from dpo_lightning.sweeps.hydra_callback import register_plugins, sweep_failures, sweep_job_info
 from dpo_lightning.sweeps.job import (
     JobInfo,
     apply_sweep_defaults,
@@ -174,6 +174,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    register_plugins()  # the Optuna sweeper, also from an editable install
     _hydra_main()
     if sweep_failures():  # multirun: the report lists the failed jobs; the exit code says so too
         raise SystemExit(1)

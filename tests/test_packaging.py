@@ -17,7 +17,9 @@ def test_wheel_carries_configs_and_runs_from_site_packages(tmp_path):
     wheel = next(tmp_path.glob("dpo_lightning-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for f in ("dpo_lightning/conf/train.yaml", "dpo_lightning/conf/eval.yaml", "dpo_lightning/conf/loss/sigmoid.yaml",
-              "dpo_lightning/conf/model/tiny.yaml", "dpo_lightning/assets/default_prefs.jsonl"):
+              "dpo_lightning/conf/model/tiny.yaml", "dpo_lightning/assets/default_prefs.jsonl",
+              "dpo_lightning/conf/hparams_search/optuna_beta.yaml", "dpo_lightning/conf/hydra/sweeper/dpo_optuna.yaml",
+              "hydra_plugins/dpo_lightning_optuna/optuna_sweeper.py", "dpo_lightning/sweeps/report.py"):
         assert f in names, f
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

@@ -51,6 +51,19 @@ def sweep_job_info(cfg: DictConfig) -> JobInfo | None:
                    swept=sorted(parse_overrides(varying)))
 
 
+def register_plugins() -> None:
+    """Register our Hydra plugins (the Optuna sweeper) explicitly. Hydra finds plugins by walking the
+    ``hydra_plugins`` namespace with pkgutil, which cannot see into a setuptools editable install
+    (``pip install -e``); a regular install is found either way. Importing the module does not import optuna."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.dpo_lightning_optuna.optuna_sweeper import DpoOptunaSweeper
+
+    plugins = Plugins.instance()
+    if f"{DpoOptunaSweeper.__module__}.{DpoOptunaSweeper.__name__}" not in plugins.class_name_to_class:
+        plugins.register(DpoOptunaSweeper)
+
+
 def sweep_failures() -> int:
     """Failed jobs of the sweep this process ran (in-process jobs, or as the report counted them)."""
     return int(STATE["failed"])
