@@ -62,6 +62,12 @@ def beta_plot(df, path: Path) -> Path | None:
             line, = ax.plot(xs, means, marker="o", label=loss)
             ax.scatter(*zip(*pts), color=line.get_color(), alpha=0.35, s=14)
         ax.set_xscale("log")
+        betas = sorted({b for _, b, _ in points})
+        if len(betas) <= 8:  # label the betas that ran, not log-scale minor ticks
+            from matplotlib.ticker import NullFormatter
+
+            ax.set_xticks(betas, [f"{b:g}" for b in betas])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("beta")
         ax.set_title(f"held-out {metric.split('/', 1)[1]}")
         ax.grid(alpha=0.3, which="both")
