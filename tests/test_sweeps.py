@@ -213,3 +213,24 @@ def test_optuna_three_trials_on_the_embedded_default(tmp_path):
 
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["n_trials"] == 3 and results["best_value"] == df["val/rewards/accuracies"].max()
+
+
+# ------------------------------------------------------------------ per-job defaults
+@pytest.mark.parametrize("overrides,exact", [
+    ([], True), (["loss=ipo"], True), (["loss=simpo"], False), (["loss=kto"], False),
+    (["trainer.precision=bf16-mixed"], False), (["engine.full_logits=true"], False),
+])
+def test_multirun_turns_reference_precompute_on_only_where_exact(overrides, exact):
+    from dpo_lightning.configs import compose
+    from dpo_lightning.sweeps.job import apply_sweep_defaults
+
+    cfg = compose("train", overrides)
+    assert cfg.reference.precompute is None  # default: decided per job
+    job = JobInfo(sweep="sweep-1", sweep_dir="/tmp/s", num=2, name="loss=ipo,loss.beta=0.5")
+    apply_sweep_defaults(cfg, job)
+    assert cfg.reference.precompute is exact
+    w = cfg.logger.wandb
+    assert (w.group, w.name, list(w.tags)) == ("sweep-1", "loss=ipo,loss.beta=0.5", [cfg.loss.name])
+    cfg = compose("train", [*overrides, "reference.precompute=false", "sweep_id=mine", "logger.wandb.name=x"])
+    apply_sweep_defaults(cfg, job)
+    assert cfg.reference.precompute is False and (cfg.logger.wandb.group, cfg.logger.wandb.name) == ("mine", "x")
