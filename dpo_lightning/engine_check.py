@@ -100,7 +100,7 @@ def check(model: torch.nn.Module, plan: EnginePlan | None = None, *, chunk_size:
         err = _differs(_token_logps(model, batch, plan=plan, chunk_size=chunk_size), ref, dtype)
         if err is not None:
             dropped = [x for x in TREE_LAYOUTS if x != "packed_unshared"] if layout == "prefix_shared" else [layout]
-            plan.layouts -= set(dropped)
+            plan.layouts = plan.layouts - set(dropped)
             changes.append(f"layout {'/'.join(dropped)} -> plain (log-probs off by {err:.2g})")
     return changes
 
