@@ -19,7 +19,14 @@ from __future__ import annotations
 import torch
 
 from dpo_lightning.attention import batch_layout
-from dpo_lightning.models.quirks import TREE_LAYOUTS, EnginePlan, base_model, engine_plan, text_config
+from dpo_lightning.models.quirks import (
+    AUX_LAYOUTS,
+    TREE_LAYOUTS,
+    EnginePlan,
+    base_model,
+    engine_plan,
+    text_config,
+)
 
 # per-token log-prob tolerance: |fast - own| <= atol + rtol * |own|
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float64: (1e-8, 1e-8)}
@@ -105,26 +112,30 @@ def check(model: torch.nn.Module, plan: EnginePlan | None = None, *, chunk_size:
     return changes
 
 
-def static_changes(plan: EnginePlan) -> list[str]:
-    """What the static plan (``quirks.py``) already turned off, and why."""
+def static_changes(plan: EnginePlan, aux: bool = False) -> list[str]:
+    """What the static plan (``quirks.py``) already turned off, and why (``aux``: for the forward that also
+    returns the MoE router loss)."""
     out = []
     if plan.head is None:
         out.append(f"chunked LM head -> the model's own head ({plan.head_note})")
     off = [x for x in TREE_LAYOUTS if x not in plan.layouts]
     if off:
         out.append(f"layout {'/'.join(off)} -> plain ({plan.layout_note})")
+    off_aux = [x for x in TREE_LAYOUTS if x in plan.layouts and x not in AUX_LAYOUTS]
+    if aux and plan.aux is not None and off_aux:
+        out.append(f"layout {'/'.join(off_aux)} -> plain (the MoE router loss counts each sequence's prompt)")
     return out
 
 
 def verify(model: torch.nn.Module, *, label: str, chunk_size: int = 1024, adapter_states: bool = False,
-           probe: bool = True) -> list[str]:
+           probe: bool = True, aux: bool = False) -> list[str]:
     """Probe ``model`` once (cached on its plan) in eval mode without gradients; ``adapter_states``: also with
     its PEFT adapters disabled (the ``adapter`` reference). Returns ``"<label>: <change>"`` lines, the static
     plan's exclusions first. ``probe=False``: only those (``engine.verify=false``)."""
     plan = engine_plan(model)
     if plan.verified:
         return []
-    static = static_changes(plan)
+    static = static_changes(plan, aux)
     if not probe:
         plan.verified = True
         return [f"{label}: {c}" for c in static]
@@ -146,6 +157,6 @@ def summary(lines: list[str]) -> str | None:
     """The one line the run prints when the probe changed anything."""
     if not lines:
         return None
-    return ("[dpo_lightning] engine: exact paths instead of the fast ones where the fast path is not the model's "
-            "own: " + "; ".join(lines) + " (engine.verify=false skips the probe)")
+    return "[dpo_lightning] engine, exact path instead of the fast one: " + "; ".join(lines) + \
+        " (engine.verify=false skips the probe)"
 

@@ -43,7 +43,7 @@ from dpo_lightning.attention import (
     to_plain,
     tree_attention_mask,
 )
-from dpo_lightning.models.quirks import EnginePlan, base_model, engine_plan, head_parameters
+from dpo_lightning.models.quirks import AUX_LAYOUTS, EnginePlan, base_model, engine_plan, head_parameters
 
 __all__ = ["SeqLogps", "score_index", "chunked_logprobs", "sequence_logps", "split_model", "attn_implementation",
            "model_inputs", "tree_attention_mask", "enable_gradient_checkpointing", "compile_backbone"]
@@ -251,10 +251,10 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_s
     model's own. ``aux_loss``: also return the MoE router loss when the plan has one (the policy's forward).
     """
     plan = plan or engine_plan(model)
-    if batch_layout(batch) not in plan.layouts:
+    want_aux = aux_loss and plan.aux is not None
+    if batch_layout(batch) not in (plan.layouts & AUX_LAYOUTS if want_aux else plan.layouts):
         batch = to_plain(batch)
     kwargs = model_inputs(model, batch, plan)
-    want_aux = aux_loss and plan.aux is not None
     if want_aux:
         kwargs["output_router_logits"] = True
     src, tgt = batch["score_src"], batch["score_tgt"]

@@ -123,7 +123,7 @@ class PreferenceLitModule(L.LightningModule):
             return
         self._engine_checked = True
         kw = {"chunk_size": self.chunk_size, "probe": self.engine_verify}
-        lines = verify(self.policy, label="policy", adapter_states=self.reference_mode == "adapter", **kw)
+        lines = verify(self.policy, label="policy", adapter_states=self.reference_mode == "adapter", aux=True, **kw)
         if self.reference is not None:
             lines += verify(self.reference, label="reference", **kw)
         line = summary(lines)

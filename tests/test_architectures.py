@@ -67,7 +67,7 @@ def test_static_plan_of_each_family():
     assert plans["qwen2"].windows == {"sliding_attention": 5, "full_attention": None} and plans["qwen2"].dict_masks
     assert plans["gemma2"].head == HeadRule(softcap=2.0)
     assert plans["granite"].head == HeadRule(scale=0.25) and plans["cohere"].head == HeadRule(scale=0.25)
-    assert plans["mixtral"].layouts == {"plain", "packed_unshared"} and plans["mixtral"].aux["coef"] == 0.05
+    assert plans["mixtral"].aux["coef"] == 0.05 and plans["mistral"].aux is None
     assert plans["bloom"].layouts == {"plain"} and "position_ids" in plans["bloom"].layout_note
 
 

@@ -12,7 +12,8 @@ returns an ``EnginePlan`` saying, for one model, what is provably the same:
     windows   per attention layer type, the sliding window (None = full attention) of its tree mask, and
               whether the backbone takes a dict of masks keyed by layer type (transformers >= 5 models with
               ``config.layer_types``) or one mask for every layer
-    aux       the MoE router load-balancing loss TRL 1.16 adds to the policy loss
+    aux       the MoE router load-balancing loss TRL 1.16 adds to the policy loss (its forward then runs in a
+              layout of ``AUX_LAYOUTS``)
 
 Everything architecture-specific lives in the tables below (no ``model_type`` checks elsewhere). What the
 tables do not cover is decided from the model's code (``inspect``) and, at run time, by the probe
@@ -31,6 +32,9 @@ from typing import Any
 import torch
 
 TREE_LAYOUTS = ("prefix_shared", "packed", "packed_unshared")
+# layouts whose real tokens are those of the plain rows: the MoE router loss averages over every real token, so
+# with it a shared prompt (counted once in prefix_shared / packed) would change its value
+AUX_LAYOUTS = frozenset({"plain", "packed_unshared"})
 
 
 @dataclass(frozen=True)
@@ -246,9 +250,6 @@ def engine_plan(model: torch.nn.Module, router_aux_loss_coef: float | None = Non
     backbone = getattr(base, base.base_model_prefix)
     layouts, windows, dict_masks, layout_note = attention_plan(base, backbone)
     aux = aux_plan(base, router_aux_loss_coef)
-    if aux is not None and layouts:  # the aux loss averages over every real token: a shared prompt counts once
-        layouts &= {"packed_unshared"}
-        layout_note = "the MoE router loss counts each sequence's prompt tokens"
     plan = EnginePlan(head=head, layouts={"plain"} | layouts, windows=windows, dict_masks=dict_masks, aux=aux,
                       head_note=head_note, layout_note=layout_note)
     base._dpo_engine_plan = plan
