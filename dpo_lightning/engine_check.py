@@ -77,8 +77,10 @@ def _differs(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float 
     return float(err.nan_to_num(float("inf")).max())
 
 
-def check(model: torch.nn.Module, plan: EnginePlan | None = None, *, chunk_size: int = 1024) -> list[str]:
-    """Probe ``model`` (as it runs now: adapters on or off) and narrow ``plan`` in place; returns the changes."""
+def check(model: torch.nn.Module, plan: EnginePlan | None = None, *, chunk_size: int = 1024,
+          full_logits: bool = False) -> list[str]:
+    """Probe ``model`` (as it runs now: adapters on or off) and narrow ``plan`` in place; returns the changes.
+    ``full_logits``: the run uses the model's own head anyway (ZeRO-3 / FSDP2): only the layouts are probed."""
     plan = plan or engine_plan(model)
     base = base_model(model)
     param = next(model.parameters())
@@ -93,7 +95,7 @@ def check(model: torch.nn.Module, plan: EnginePlan | None = None, *, chunk_size:
         raise EngineCheckError(f"{type(base).__name__}: the model's own forward gives non-finite log-probs on "
                                "the probe; the fast path cannot be checked (set engine.verify=false to skip)")
     changes: list[str] = []
-    if plan.head is not None:
+    if plan.head is not None and not full_logits:
         err = _differs(_token_logps(model, batches["plain"], plan=plan, chunk_size=chunk_size), ref, dtype)
         if err is not None:
             changes.append(f"chunked LM head ({plan.head.describe()}) -> the model's own head "
@@ -104,7 +106,8 @@ def check(model: torch.nn.Module, plan: EnginePlan | None = None, *, chunk_size:
             continue
         batch = batches[layout]
         assert batch_layout(batch) == layout
-        err = _differs(_token_logps(model, batch, plan=plan, chunk_size=chunk_size), ref, dtype)
+        err = _differs(_token_logps(model, batch, plan=plan, chunk_size=chunk_size, full_logits=full_logits),
+                       ref, dtype)
         if err is not None:
             dropped = [x for x in TREE_LAYOUTS if x != "packed_unshared"] if layout == "prefix_shared" else [layout]
             plan.layouts = plan.layouts - set(dropped)
@@ -112,11 +115,11 @@ def check(model: torch.nn.Module, plan: EnginePlan | None = None, *, chunk_size:
     return changes
 
 
-def static_changes(plan: EnginePlan, aux: bool = False) -> list[str]:
+def static_changes(plan: EnginePlan, aux: bool = False, head: bool = True) -> list[str]:
     """What the static plan (``quirks.py``) already turned off, and why (``aux``: for the forward that also
-    returns the MoE router loss)."""
+    returns the MoE router loss; ``head``: the run would use the chunked head)."""
     out = []
-    if plan.head is None:
+    if plan.head is None and head:
         out.append(f"chunked LM head -> the model's own head ({plan.head_note})")
     off = [x for x in TREE_LAYOUTS if x not in plan.layouts]
     if off:
@@ -128,14 +131,14 @@ def static_changes(plan: EnginePlan, aux: bool = False) -> list[str]:
 
 
 def verify(model: torch.nn.Module, *, label: str, chunk_size: int = 1024, adapter_states: bool = False,
-           probe: bool = True, aux: bool = False) -> list[str]:
+           probe: bool = True, aux: bool = False, full_logits: bool = False) -> list[str]:
     """Probe ``model`` once (cached on its plan) in eval mode without gradients; ``adapter_states``: also with
     its PEFT adapters disabled (the ``adapter`` reference). Returns ``"<label>: <change>"`` lines, the static
     plan's exclusions first. ``probe=False``: only those (``engine.verify=false``)."""
     plan = engine_plan(model)
     if plan.verified:
         return []
-    static = static_changes(plan, aux)
+    static = static_changes(plan, aux, head=not full_logits)
     if not probe:
         plan.verified = True
         return [f"{label}: {c}" for c in static]
@@ -143,10 +146,11 @@ def verify(model: torch.nn.Module, *, label: str, chunk_size: int = 1024, adapte
     model.eval()
     try:
         with torch.no_grad():
-            changes = check(model, plan, chunk_size=chunk_size)
+            changes = check(model, plan, chunk_size=chunk_size, full_logits=full_logits)
             if adapter_states:
                 with model.disable_adapter():
-                    changes += [f"{c} (adapters off)" for c in check(model, plan, chunk_size=chunk_size)]
+                    changes += [f"{c} (adapters off)"
+                                for c in check(model, plan, chunk_size=chunk_size, full_logits=full_logits)]
     finally:
         model.train(was_training)
     plan.verified = True

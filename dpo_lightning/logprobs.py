@@ -113,7 +113,7 @@ def _mm_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: tor
         if bias is not None:
             out.add_(bias.float())
         return _transform(out, scale, softcap)
-    z = F.linear(h.to(cast) if cast is not None else h, weight, bias)
+    z = F.linear(h.to(cast or weight.dtype), weight, bias)  # a hidden state in another dtype meets the head's
     out.copy_(_transform(z, scale, softcap) if z.dtype != torch.float32 else z)
     return out if z.dtype != torch.float32 else _transform(out, scale, softcap)
 
@@ -251,15 +251,18 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_s
     model's own. ``aux_loss``: also return the MoE router loss when the plan has one (the policy's forward).
     """
     plan = plan or engine_plan(model)
-    want_aux = aux_loss and plan.aux is not None
-    if batch_layout(batch) not in (plan.layouts & AUX_LAYOUTS if want_aux else plan.layouts):
-        batch = to_plain(batch)
-    kwargs = model_inputs(model, batch, plan)
-    if want_aux:
-        kwargs["output_router_logits"] = True
-    src, tgt = batch["score_src"], batch["score_tgt"]
     backbone, head = split_model(model)
     params = head_parameters(head) if plan.head is not None and not full_logits else None
+    want_aux = aux_loss and plan.aux is not None
+    layouts = plan.layouts
+    if want_aux:  # the model's own forward computes its router loss from a 2D mask: plain rows only
+        layouts = layouts & (AUX_LAYOUTS if params is not None else {"plain"})
+    if batch_layout(batch) not in layouts:
+        batch = to_plain(batch)
+    kwargs = model_inputs(model, batch, plan)
+    if plan.router_logits:  # never let an MoE model compute its router loss from a 4D mask
+        kwargs["output_router_logits"] = want_aux
+    src, tgt = batch["score_src"], batch["score_tgt"]
     if params is None:  # the plain path: the model's own forward and LM head, full log-softmax
         outputs = model(**kwargs)
         logits = outputs.logits.float()  # [N, L, V]

@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from dpo_lightning.engine_check import summary, verify
 from dpo_lightning.inputs import build_inputs
@@ -122,13 +122,13 @@ class PreferenceLitModule(L.LightningModule):
         if self._engine_checked:
             return
         self._engine_checked = True
-        kw = {"chunk_size": self.chunk_size, "probe": self.engine_verify}
+        kw = {"chunk_size": self.chunk_size, "probe": self.engine_verify, "full_logits": self.full_logits}
         lines = verify(self.policy, label="policy", adapter_states=self.reference_mode == "adapter", aux=True, **kw)
         if self.reference is not None:
             lines += verify(self.reference, label="reference", **kw)
         line = summary(lines)
         if line:
-            rank_zero_info(line)
+            _print_once(line)
 
     def policy_logps(self, batch: dict[str, Any]) -> SeqLogps:
         return sequence_logps(self.policy, batch, batch["num_sequences"], chunk_size=self.chunk_size,
@@ -240,6 +240,11 @@ class PreferenceLitModule(L.LightningModule):
         if missing:
             raise KeyError(f"checkpoint lacks policy weights, e.g. {missing[:3]}; was it saved by this module?")
         self.loss_state.update(checkpoint.get("loss_state", {}))
+
+
+@rank_zero_only
+def _print_once(line: str) -> None:
+    print(line, flush=True)
 
 
 def pair_accuracy(out: LossOutput, labels: torch.Tensor, pair: torch.Tensor) -> torch.Tensor | None:

@@ -3,7 +3,6 @@ steps aside, saying so in one line."""
 
 from __future__ import annotations
 
-import logging
 import types
 
 import pytest
@@ -78,7 +77,7 @@ def test_non_finite_own_forward_stops_with_a_clear_error():
         verify(model, label="policy")
 
 
-def test_module_says_once_what_it_switched_and_the_switch_turns_the_probe_off(tiny_path, caplog):
+def test_module_says_once_what_it_switched_and_the_switch_turns_the_probe_off(tiny_path, capsys):
     from dpo_lightning import PreferenceLitModule, get_loss
 
     batch = PreferenceCollator(0, layout="prefix_shared")(make_rows())
@@ -86,11 +85,11 @@ def test_module_says_once_what_it_switched_and_the_switch_turns_the_probe_off(ti
         module = PreferenceLitModule(str(tiny_path), loss=get_loss("sigmoid", beta=0.1), verify=flag)
         scaled_forward(module.policy, 0.5)
         scaled_forward(module.reference, 0.5)
-        caplog.clear()
-        with caplog.at_level(logging.INFO), torch.no_grad():
+        capsys.readouterr()
+        with torch.no_grad():
             module.compute_loss(batch)
             module.compute_loss(batch)
-        lines = [r.getMessage() for r in caplog.records if "engine:" in r.getMessage()]
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if "[dpo_lightning] engine" in ln]
         own = module.policy(input_ids=torch.tensor([[5, 6, 7]])).logits.float().log_softmax(-1)[0, 1, 7]
         mine = module.policy_logps(PreferenceCollator(0)([{"prompt_ids": [5, 6], "chosen_ids": [7],
                                                            "rejected_ids": [8], "index": 0}])).token_logps[0]

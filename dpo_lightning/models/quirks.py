@@ -68,7 +68,8 @@ HEAD_RULES: dict[str, Callable[[Any], HeadRule]] = {
     **dict.fromkeys(("gemma2", "gemma3", "gemma3_text", "gemma3n_text", "vaultgemma", "nanochat", "beam"),
                     _softcap("final_logit_softcapping")),
     "recurrent_gemma": _softcap("logits_soft_cap"),
-    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass"), _multiply("logit_scale")),
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass", "cohere_compass_text"),
+                    _multiply("logit_scale")),
     **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid",
                      "granitemoeshared", "minicpm3"), _divide("logits_scaling")),
     "hyperclovax": _multiply("logits_scaling"),
@@ -84,8 +85,13 @@ STANDARD_HEAD_LINES = {
     "logits = self.lm_head(hidden_states)", "logits = self.lm_head(hidden_states[:, slice_indices, :])",
     "logits = self.lm_head(hidden_states).contiguous()", "logits = self.lm_head(hidden_states).float()",
     "lm_logits = self.lm_head(hidden_states)", "logits = self.embed_out(hidden_states)",
+    "logits = self.lm_head(hidden_states.to(dtype=self.lm_head.weight.dtype))",
+    "logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()",
 }
-_HEAD_START = re.compile(r"hidden_states = \w*outputs(\.last_hidden_state|\[0\])")
+_BACKBONE_OUT = r"\w*outputs(?:\.last_hidden_state|\[0\])"
+_HEAD_START = re.compile(rf"hidden_states = (?:slice_logits_to_keep\()?{_BACKBONE_OUT}")
+_STANDARD_START = re.compile(rf"hidden_states = (?:{_BACKBONE_OUT}|slice_logits_to_keep\({_BACKBONE_OUT}, "
+                             r"logits_to_keep\))")
 _DICT_MASKS = re.compile(r"isinstance\(\s*(?:causal_mask_mapping\s*:=\s*)?attention_mask\s*,\s*dict\s*\)")
 
 
@@ -121,7 +127,8 @@ def head_rule(base: torch.nn.Module) -> tuple[HeadRule | None, str]:
     if start is None or end < start.start():
         return None, f"{type(base).__name__}.forward: LM head not found in its code"
     lines = [ln.strip() for ln in src[start.start():end].splitlines()]
-    extra = [ln for ln in lines if ln and not ln.startswith("#") and ln not in STANDARD_HEAD_LINES]
+    extra = [ln for ln in lines if ln and not ln.startswith("#") and ln not in STANDARD_HEAD_LINES
+             and not _STANDARD_START.fullmatch(ln)]
     if extra:
         return None, f"{type(base).__name__}.forward transforms its logits ({extra[0]!r})"
     return HeadRule(), "logits = lm_head(h)"
@@ -191,6 +198,7 @@ class EnginePlan:
     windows: dict[str, int | None] = field(default_factory=dict)
     dict_masks: bool = False
     aux: dict[str, Any] | None = None
+    router_logits: bool = False  # the model takes ``output_router_logits`` (MoE): the engine always sets it
     head_note: str = ""  # how the head rule was found, or why there is none
     layout_note: str = ""  # why tree layouts are off, if they are
     verified: bool = False  # the probe ran (or was switched off) for this model
@@ -251,6 +259,7 @@ def engine_plan(model: torch.nn.Module, router_aux_loss_coef: float | None = Non
     layouts, windows, dict_masks, layout_note = attention_plan(base, backbone)
     aux = aux_plan(base, router_aux_loss_coef)
     plan = EnginePlan(head=head, layouts={"plain"} | layouts, windows=windows, dict_masks=dict_masks, aux=aux,
-                      head_note=head_note, layout_note=layout_note)
+                      router_logits=hasattr(text_config(base), "output_router_logits"), head_note=head_note,
+                      layout_note=layout_note)
     base._dpo_engine_plan = plan
     return plan
