@@ -14,12 +14,15 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from dpo_lightning.engine_check import summary, verify
 from dpo_lightning.inputs import build_inputs
 from dpo_lightning.logprobs import SeqLogps, compile_backbone, enable_gradient_checkpointing, sequence_logps
 from dpo_lightning.losses.registry import Loss, LossOutput, get_loss
 from dpo_lightning.models.hf import ModelSpec, load_causal_lm
 from dpo_lightning.models.peft import apply_peft
+from dpo_lightning.models.quirks import engine_plan
 from dpo_lightning.optim import OptimizerSpec, SchedulerSpec
 from dpo_lightning.reference import ReferenceSpec, adapters_disabled, build_reference
 
@@ -51,13 +54,17 @@ class PreferenceLitModule(L.LightningModule):
             after a one-time compilation).
         softmax_cache_mb: MiB of LM-head softmax kept from forward to backward, so those tokens skip the
             logits recompute (0 = always recompute; see ``logprobs.py``).
+        verify: before the first step, probe the fast path against the model's own forward and fall back to
+            the exact path where they differ (``engine_check.py``); False trusts ``models/quirks.py`` alone.
+        router_aux_loss_coef: weight of an MoE policy's router load-balancing loss added to the loss (TRL's
+            ``router_aux_loss_coef``); None = the model config's own (0 or no MoE: none).
     """
 
     def __init__(self, model: ModelSpec | dict | str | None = None, loss: Loss | dict | str = "sigmoid",
                  reference: ReferenceSpec | dict | None = None, optimizer: OptimizerSpec | dict | None = None,
                  scheduler: SchedulerSpec | dict | None = None, chunk_size: int = 1024, full_logits: bool = False,
                  peft: dict | None = None, gradient_checkpointing: bool = False, compile: bool = False,
-                 softmax_cache_mb: float = 512):
+                 softmax_cache_mb: float = 512, verify: bool = True, router_aux_loss_coef: float | None = None):
         super().__init__()
         self.model_spec = _as(ModelSpec, model)
         if isinstance(loss, str):
@@ -75,10 +82,13 @@ class PreferenceLitModule(L.LightningModule):
             "reference": asdict(self.reference_spec), "optimizer": asdict(self.optimizer_spec),
             "scheduler": asdict(self.scheduler_spec), "chunk_size": chunk_size, "full_logits": full_logits,
             "peft": dict(peft) if peft else None, "gradient_checkpointing": gradient_checkpointing,
-            "compile": compile, "softmax_cache_mb": softmax_cache_mb,
+            "compile": compile, "softmax_cache_mb": softmax_cache_mb, "verify": verify,
+            "router_aux_loss_coef": router_aux_loss_coef,
         })
+        self.engine_verify, self._engine_checked = verify, False
         self.peft_settings = dict(peft) if peft else None
         self.policy = apply_peft(load_causal_lm(self.model_spec), self.peft_settings)
+        self.policy_plan = engine_plan(self.policy, router_aux_loss_coef)  # models/quirks.py
         self.reference_mode = self.reference_spec.resolve_mode(
             loss.requires_reference, hasattr(self.policy, "disable_adapter"))
         if self.reference_spec.precompute and loss.requires_reference:
@@ -106,10 +116,24 @@ class PreferenceLitModule(L.LightningModule):
         return self
 
     # ---------------------------------------------------------------- forward
+    def verify_engine(self) -> None:
+        """Once, before the first forward: probe the fast path of the policy and the reference against their own
+        forward (``engine_check.py``) and print one line when any of them falls back to an exact path."""
+        if self._engine_checked:
+            return
+        self._engine_checked = True
+        kw = {"chunk_size": self.chunk_size, "probe": self.engine_verify, "full_logits": self.full_logits}
+        lines = verify(self.policy, label="policy", adapter_states=self.reference_mode == "adapter", aux=True, **kw)
+        if self.reference is not None:
+            lines += verify(self.reference, label="reference", **kw)
+        line = summary(lines)
+        if line:
+            _print_once(line)
+
     def policy_logps(self, batch: dict[str, Any]) -> SeqLogps:
         return sequence_logps(self.policy, batch, batch["num_sequences"], chunk_size=self.chunk_size,
                               full_logits=self.full_logits, softmax_cache_mb=self.softmax_cache_mb,
-                              want_sq=bool(self.loss_fn.hparams.get("use_weighting")))
+                              want_sq=bool(self.loss_fn.hparams.get("use_weighting")), aux_loss=True)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, Any]) -> SeqLogps | None:
@@ -126,11 +150,15 @@ class PreferenceLitModule(L.LightningModule):
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[LossOutput, dict[str, torch.Tensor]]:
         """Loss output and the logged metrics (TRL names, without split prefix) for one batch."""
+        self.verify_engine()
         reference = self.reference_logps(batch)  # first: its temporaries are freed before the policy's graph
         policy = self.policy_logps(batch)
         inputs, metrics = build_inputs(self.loss_fn, policy, reference, batch)
         inputs.state = self.loss_state
         out = self.loss_fn(inputs)
+        if policy.aux_loss is not None:  # MoE: TRL 1.16 adds router_aux_loss_coef * aux_loss to the policy loss
+            out.loss = out.loss + self.policy_plan.aux["coef"] * policy.aux_loss
+            metrics["aux_loss"] = policy.aux_loss.detach()
         metrics["loss"] = out.loss.detach()
         for name, rewards in (("chosen", out.chosen_rewards), ("rejected", out.rejected_rewards)):
             if rewards.numel():  # unpaired batches may hold only desirable (or undesirable) rows
@@ -152,6 +180,7 @@ class PreferenceLitModule(L.LightningModule):
         if self.reference_mode == "cached":
             from dpo_lightning.reference_cache import precompute_reference
 
+            self.verify_engine()  # the cached values come from the same engine
             infos = precompute_reference(self, self.trainer.datamodule)
             self.reference_cache_infos = [*getattr(self, "reference_cache_infos", []), *infos]  # sweep report
             for info in infos:
@@ -213,6 +242,11 @@ class PreferenceLitModule(L.LightningModule):
         if missing:
             raise KeyError(f"checkpoint lacks policy weights, e.g. {missing[:3]}; was it saved by this module?")
         self.loss_state.update(checkpoint.get("loss_state", {}))
+
+
+@rank_zero_only
+def _print_once(line: str) -> None:
+    print(line, flush=True)
 
 
 def pair_accuracy(out: LossOutput, labels: torch.Tensor, pair: torch.Tensor) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from arch_families import FAMILIES
 
 if os.environ.get("TRL_SITE_PACKAGES") and os.environ["TRL_SITE_PACKAGES"] not in sys.path:
     sys.path.append(os.environ["TRL_SITE_PACKAGES"])
@@ -49,3 +50,25 @@ def test_tiny_policy_against_reference_parity(parity):
     for r in parity.part2():
         assert r["tokens_equal"] and not r["missing"], r
         assert r["metric"] <= parity.TOL_MODEL, r
+
+
+@pytest.fixture(scope="module")
+def parity_archs():
+    if not trl.__version__.startswith("1.16"):
+        pytest.skip(f"parity is pinned to TRL 1.16 (found {trl.__version__})")
+    spec = importlib.util.spec_from_file_location("trl_parity_archs", SCRIPT.with_name("trl_parity_archs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dpo_eval_matches_trl_evaluate_per_family(parity_archs, family, tmp_path):
+    """dpo-eval (default engine) vs. TRL's DPOTrainer.evaluate() on the family's tiny policy and reference:
+    policy log-probs within 1e-4 relative, loss within 1e-3, identical reward accuracy (MoE: router loss too)."""
+    r = parity_archs.compare(family, tmp_path)
+    assert r["logps"] <= parity_archs.TOL_LOGPS, r
+    assert r["loss"] <= parity_archs.TOL_LOSS, r
+    assert r["accuracy_equal"], r
+    assert r["aux"] is None or r["aux"] <= parity_archs.TOL_LOSS, r

@@ -111,11 +111,18 @@ def _default_device() -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
 
 
+_DROPOUT_ATTRS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "residual_dropout",
+                  "resid_pdrop", "layerdrop")
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """Set every dropout probability to 0 (DPO paper, App. B; TRL's ``disable_dropout``)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for key in _DROPOUT_ATTRS:  # functional dropout / layer drop read from a float attribute (OPT, ...)
+            if isinstance(getattr(module, key, None), float) and not isinstance(module, torch.nn.Dropout):
+                setattr(module, key, 0.0)
     cfg = getattr(model, "config", None)
     for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
         if cfg is not None and isinstance(getattr(cfg, key, None), float):
