@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dpo_lightning.callbacks.generation import generation_callback, write_generations
 from dpo_lightning.configs import config_dir
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.eval_setup import eval_rows, prepare_eval
@@ -51,9 +52,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module = PreferenceLitModule(model_spec, loss=loss, reference=instantiate(cfg.reference, _convert_="all"),
                                  peft=OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None,
                                  **(OmegaConf.to_container(cfg.engine, resolve=True) if cfg.get("engine") else {}))
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
-                          enable_model_summary=False, strategy=build_strategy(cfg.get("strategy")))
     rows, split = eval_rows(dm, cfg.get("split", "all"))
+    generation = generation_callback(cfg, rows, dm)  # generation.num_prompts > 0: sample and score too
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[generation] if generation else [],
+                          enable_checkpointing=False, enable_model_summary=False,
+                          strategy=build_strategy(cfg.get("strategy")))
     loader = dm._loader(sorted(rows, key=lambda r: r["index"]), dm.eval_batch_size, shuffle=False)
     results = trainer.validate(module, dataloaders=loader, verbose=False)[0]
     metrics = {k: float(v) for k, v in sorted(results.items())}
@@ -61,6 +64,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
               "reference": module.reference_mode if module.reference_mode != "model"
               else module.reference_spec.name_or_path, "loss": {"name": loss.name, **loss.hparams},
               "data": str(cfg.data.val_path or cfg.data.path), "split": split}
+    if generation is not None:  # the samples beside eval.json
+        report["generations"] = str(write_generations(generation, cfg.output_json))
     atomic_write_json(cfg.output_json, report)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {cfg.output_json}")

@@ -24,7 +24,8 @@ from dpo_lightning.models.hf import ModelSpec, load_causal_lm
 from dpo_lightning.models.peft import apply_peft
 from dpo_lightning.models.quirks import engine_plan
 from dpo_lightning.optim import OptimizerSpec, SchedulerSpec
-from dpo_lightning.reference import ReferenceSpec, adapters_disabled, build_reference
+from dpo_lightning.reference import ReferenceSpec, build_reference, reference_model
+from dpo_lightning.reference_sync import ReferenceSync, prepare_reference_sync, sync_settings
 
 
 def _as(kind, value):
@@ -97,6 +98,11 @@ class PreferenceLitModule(L.LightningModule):
                                  "prompt i with completion i-1 of the same batch; set reference.precompute=false")
             self.reference_mode = "cached"  # precomputed in setup() (reference_cache.py)
         self.reference = build_reference(self.reference_mode, self.reference_spec, self.model_spec, self.policy)
+        self.reference_adapter: str | None = None  # TR-DPO with LoRA: the mixed "reference" adapter
+        self.reference_version = 0  # bumped each time the reference moves (TR-DPO)
+        self.reference_sync = sync_settings(self.reference_spec.sync)  # (alpha, every_n_steps) or None
+        if self.reference_sync:
+            prepare_reference_sync(self)
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.policy)
         if compile:
@@ -140,13 +146,9 @@ class PreferenceLitModule(L.LightningModule):
         """Reference log-probs for the batch, or None when they come precomputed or are not needed."""
         if self.reference_mode in ("none", "cached"):
             return None
-        if self.reference_mode == "adapter":
-            with adapters_disabled(self.policy):
-                return sequence_logps(self.policy, batch, batch["num_sequences"], chunk_size=self.chunk_size,
-                                      full_logits=self.full_logits)
-        self.reference.eval()
-        return sequence_logps(self.reference, batch, batch["num_sequences"], chunk_size=self.chunk_size,
-                              full_logits=self.full_logits)
+        with reference_model(self) as model:  # the reference module, or the policy with adapters switched
+            return sequence_logps(model, batch, batch["num_sequences"], chunk_size=self.chunk_size,
+                                  full_logits=self.full_logits)
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[LossOutput, dict[str, torch.Tensor]]:
         """Loss output and the logged metrics (TRL names, without split prefix) for one batch."""
@@ -190,6 +192,13 @@ class PreferenceLitModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._policy_trained = True
 
+    def configure_callbacks(self):
+        """TR-DPO (``reference.sync``): the callback that moves the reference (``reference_sync.py``)."""
+        if self.reference_sync:
+            alpha, every = self.reference_sync
+            return [ReferenceSync(alpha=alpha, every_n_steps=every)]
+        return []
+
     # ---------------------------------------------------------------- steps
     def _batch_size(self, batch) -> int:
         return int(batch["index"].numel())
@@ -229,9 +238,12 @@ class PreferenceLitModule(L.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen reference from checkpoints: it is rebuilt from its source on load."""
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith("reference.")}
+        """Drop the frozen reference from checkpoints: it is rebuilt from its source on load. A moving (TR-DPO)
+        reference is kept: it cannot be rebuilt."""
+        if not self.reference_sync:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith("reference.")}
+        checkpoint["reference_version"] = self.reference_version
         checkpoint["loss_state"] = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.loss_state.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -242,6 +254,12 @@ class PreferenceLitModule(L.LightningModule):
         if missing:
             raise KeyError(f"checkpoint lacks policy weights, e.g. {missing[:3]}; was it saved by this module?")
         self.loss_state.update(checkpoint.get("loss_state", {}))
+        if self.reference_sync and self.reference is not None:
+            missing = [k for k in self.state_dict() if k.startswith("reference.") and k not in checkpoint["state_dict"]]
+            if missing:
+                raise KeyError(f"reference.sync is on but the checkpoint lacks the moved reference (e.g. {missing[:2]}); "
+                               "it was saved without TR-DPO: resume with reference.sync.every_n_steps=0")
+        self.reference_version = int(checkpoint.get("reference_version", 0))
 
 
 @rank_zero_only

@@ -30,6 +30,8 @@ class ReferenceSpec:
             for a LoRA policy, model when ``name_or_path`` is set, else copy.
         precompute: compute reference log-probs once before training and read them from a disk cache.
         quantization: bitsandbytes settings for the reference alone (see ``models/quantization.py``).
+        sync: TR-DPO, ``{"alpha": 0.6, "every_n_steps": 512}``: move the reference towards the policy
+            (``reference_sync.py``); None or ``every_n_steps: 0`` = a frozen reference.
     """
 
     name_or_path: str | None = None
@@ -37,6 +39,7 @@ class ReferenceSpec:
     mode: str = "auto"
     precompute: bool = False
     quantization: dict[str, Any] | None = None
+    sync: dict[str, Any] | None = None
 
     def resolve_mode(self, requires_reference: bool, policy_is_peft: bool) -> str:
         if not requires_reference:
@@ -74,3 +77,37 @@ def adapters_disabled(model: torch.nn.Module):
     """Run a PEFT model as its base model (the reference) inside the block."""
     with model.disable_adapter():
         yield
+
+
+@contextlib.contextmanager
+def adapter_active(model: torch.nn.Module, name: str):
+    """Run a PEFT model with adapter ``name`` instead of its active one inside the block, without touching which
+    parameters train (peft's ``set_adapter`` would flip ``requires_grad``)."""
+    layers = [m for m in model.modules() if hasattr(m, "_active_adapter") and hasattr(m, "active_adapters")]
+    saved = [m.__dict__.get("_active_adapter") for m in layers]
+    try:
+        for m in layers:
+            m._active_adapter = [name]
+        yield
+    finally:
+        for m, old in zip(layers, saved):
+            if old is None:
+                del m._active_adapter
+            else:
+                m._active_adapter = old
+
+
+@contextlib.contextmanager
+def reference_model(module):
+    """The model that computes ``module``'s reference, inside the block: the frozen reference module, or the
+    policy with its adapters disabled (or switched to the TR-DPO ``reference`` adapter); None without one."""
+    mode = getattr(module, "reference_mode", "none")
+    if mode == "adapter":
+        name = getattr(module, "reference_adapter", None)
+        with adapter_active(module.policy, name) if name else adapters_disabled(module.policy):
+            yield module.policy
+    elif getattr(module, "reference", None) is not None:
+        module.reference.eval()
+        yield module.reference
+    else:
+        yield None

@@ -153,3 +153,39 @@ def validate_config(cfg: DictConfig, *, training: bool = True) -> None:
         raise ConfigError("reference.quantization applies to a separately loaded reference, but with peft=lora the "
                           "reference is the policy with adapters disabled; set reference.mode=copy (or model) to "
                           "load a quantized reference, or drop reference.quantization")
+
+    # ---- TR-DPO and generation evaluation
+    _validate_sync_and_generation(cfg, kind)
+
+
+def _validate_sync_and_generation(cfg: DictConfig, kind: str) -> None:
+    from dpo_lightning.generation import GenerationSettings
+    from dpo_lightning.reference_sync import sync_settings
+
+    try:
+        sync = sync_settings(_get(cfg, "reference.sync"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if sync and _get(cfg, "reference.precompute"):
+        raise ConfigError("reference.sync (TR-DPO) moves the reference during training, but reference.precompute=true "
+                          "reads its log-probs once from a cache: set reference.precompute=false, or "
+                          "reference.sync.every_n_steps=0")
+    if sync and kind == "deepspeed":
+        raise ConfigError("reference.sync (TR-DPO) runs under strategy auto, ddp, fsdp and fsdp2, not DeepSpeed "
+                          "(its partitioned parameters are not addressable in place); use strategy=fsdp")
+    if sync and quantization_bits_of(cfg, "reference.quantization"):
+        raise ConfigError("reference.sync mixes policy weights into the reference, which cannot be quantized: "
+                          "drop reference.quantization")
+    generation = _get(cfg, "generation")
+    if generation:
+        try:
+            GenerationSettings(**{k: v for k, v in generation.items() if k != "_target_"})
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+
+
+def quantization_bits_of(cfg: DictConfig, key: str) -> int:
+    from dpo_lightning.models.quantization import quantization_bits
+
+    return quantization_bits(_get(cfg, key))
+

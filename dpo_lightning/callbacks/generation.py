@@ -1,0 +1,163 @@
+"""See what the policy writes: sample, score and judge completions at every validation.
+
+    dpo-train generation.num_prompts=16 generation.max_new_tokens=128 generation.judge=<reward model>
+    trainer = L.Trainer(callbacks=[GenerationEvaluation({"num_prompts": 8})])   # plain Lightning
+
+At each validation (not the sanity check) the first ``num_prompts`` held-out prompts of the data module are
+sampled from the policy and from the reference (the reference's samples once per run, reused until a TR-DPO
+sync moves it), scored and judged (``generation.py``). Logged: ``gen/kl`` (+ ``gen/kl_stderr``),
+``gen/entropy``, ``gen/length``, ``gen/eos_rate``, with a judge ``gen/win_rate`` (+ ``_stderr``), with a
+reward-model judge ``gen/reward``; every logger gets the metrics, W&B also a table per step
+(``generations/step_<N>``), and ``<dirpath>/step_<N>.jsonl`` holds every sample whatever the logger.
+
+Under DDP the prompts are split across ranks and the samples gathered. Under sharded strategies (FSDP,
+FSDP2, DeepSpeed ZeRO-3) every rank runs the same number of forwards (``synced_gpus``), FSDP1's root unit
+(embeddings, final norm, LM head) is gathered for the duration and each decoder layer gathers itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from dpo_lightning.generation import (
+    GenerationSettings,
+    _as_settings,
+    gather_records,
+    generate_and_score,
+    held_out_prompts,
+    summarize,
+)
+from dpo_lightning.judges import build_judge
+
+log = logging.getLogger("dpo_lightning")
+COLUMNS = ["step", "prompt", "policy", "reference", "kl", "judge"]
+
+
+def _sharded_generation(trainer) -> tuple[bool, Any]:
+    """(synced_gpus, context to generate in) for the trainer's strategy."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return True, FSDP.summon_full_params(strategy.model, recurse=False, writeback=False)
+    if isinstance(strategy, ModelParallelStrategy) or (isinstance(strategy, DeepSpeedStrategy)
+                                                       and strategy.zero_stage_3):
+        return True, contextlib.nullcontext()
+    return False, contextlib.nullcontext()
+
+
+class GenerationEvaluation(L.Callback):
+    """Generation evaluation at every validation (see the module docstring).
+
+    Args:
+        settings: ``GenerationSettings`` or a dict of its fields (the ``generation`` config group).
+        dirpath: folder of ``step_<N>.jsonl``; None = ``<trainer.default_root_dir>/generations``.
+        prompts: prompt texts to use instead of the data module's held-out rows.
+        rows: tokenized rows (``prompt_ids``) to take the prompts from instead (``dpo-eval``).
+        tokenizer: the tokenizer; None = the data module's.
+        write_samples: write ``<dirpath>/step_<N>.jsonl`` (the samples are also kept in ``last_records``).
+    """
+
+    def __init__(self, settings: GenerationSettings | dict | None = None, dirpath: str | None = None,
+                 prompts: list[str] | None = None, rows: list[dict] | None = None, tokenizer: Any = None,
+                 write_samples: bool = True):
+        self.settings = _as_settings(settings)
+        self.dirpath, self.prompt_texts, self.tokenizer = dirpath, prompts, tokenizer
+        self.rows, self.write_samples = rows, write_samples
+        self.last_records: list[dict] = []
+        self.judge = build_judge(self.settings.judge, batch_size=self.settings.judge_batch_size)
+        self._reference_samples: dict[int, list[list[int]]] = {}
+        self._reference_version: int | None = None
+        self._done: tuple[int, int] | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.last_path: Path | None = None
+
+    def _prompts(self, trainer, tokenizer) -> list[tuple[int, list[int]]]:
+        n = self.settings.num_prompts
+        if self.prompt_texts is not None:
+            return [(i, tokenizer(t)["input_ids"]) for i, t in enumerate(self.prompt_texts[:n])]
+        rows = self.rows
+        if rows is None and trainer.datamodule is not None:
+            rows = getattr(trainer.datamodule, "val_rows", None)
+        return held_out_prompts(rows, n) if rows else []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not self.settings.num_prompts:
+            return
+        step, version = trainer.global_step, getattr(pl_module, "reference_version", 0)
+        if self._done == (step, version):  # this policy was just evaluated (the validation after fit)
+            return
+        tokenizer = self.tokenizer or getattr(trainer.datamodule, "tokenizer", None)
+        prompts = self._prompts(trainer, tokenizer) if tokenizer is not None else []
+        if not prompts:
+            log.warning("generation evaluation: no held-out prompts (and no `prompts` given): skipped")
+            self.settings.num_prompts = 0
+            return
+        if version != self._reference_version:  # a TR-DPO sync moved the reference: sample it again
+            self._reference_samples, self._reference_version = {}, version
+        self.last_metrics = self.run(trainer, pl_module, tokenizer, prompts, step)
+        for name, value in self.last_metrics.items():
+            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
+        self._done = (step, version)
+
+    def run(self, trainer, pl_module, tokenizer, prompts, step: int) -> dict[str, float]:
+        rank, world = trainer.global_rank, trainer.world_size
+        shard = prompts[rank::world]
+        synced, context = _sharded_generation(trainer)
+        if synced:  # the same number of forwards on every rank: pad with copies of a prompt (dropped later)
+            per_rank = -(-len(prompts) // world)
+            shard += [(-1 - j, prompts[0][1]) for j in range(per_rank - len(shard))]
+        with context:
+            records, self._reference_samples = generate_and_score(
+                pl_module, tokenizer, shard, self.settings, judge=self.judge,
+                seed=self.settings.seed + step + 7919 * rank, reference_samples=self._reference_samples,
+                synced_gpus=synced)
+        records = [dict(r, step=step) for r in gather_records(records) if r["prompt_index"] >= 0]
+        self.last_records = records
+        if trainer.is_global_zero:
+            if self.write_samples:
+                self.last_path = self._write(trainer, records, step)
+            self._log_table(trainer, records, step)
+        return summarize(records)
+
+    def _write(self, trainer, records: list[dict], step: int) -> Path:
+        from dpo_lightning.io import atomic_write_text
+
+        folder = Path(self.dirpath or Path(trainer.default_root_dir) / "generations")
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        return atomic_write_text(folder / f"step_{step}.jsonl", lines)
+
+    def _log_table(self, trainer, records: list[dict], step: int) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        data = [[step, r["prompt"], r["policy"], r["reference"], r["kl"], r["judge"]] for r in records]
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key=f"generations/step_{step}", columns=COLUMNS, data=data)
+
+
+def generation_callback(cfg, rows: list[dict], datamodule) -> GenerationEvaluation | None:
+    """``dpo-eval``: the callback for a config's ``generation`` node over ``rows``, or None when it is off."""
+    node = cfg.get("generation")
+    if not node or not int(node.get("num_prompts") or 0):
+        return None
+    from hydra.utils import instantiate
+
+    return GenerationEvaluation(instantiate(node, _convert_="all"), rows=rows, tokenizer=datamodule.tokenizer,
+                                write_samples=False)
+
+
+def write_generations(callback: GenerationEvaluation, beside: str | Path) -> Path:
+    """Write the callback's last samples to ``generations.jsonl`` in the folder of ``beside``."""
+    from dpo_lightning.io import atomic_write_text
+
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in callback.last_records)
+    return atomic_write_text(Path(beside).parent / "generations.jsonl", lines)
