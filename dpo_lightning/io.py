@@ -107,7 +107,11 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: 
             import copy
 
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(tmp)
+        adapters = list(getattr(model, "peft_config", None) or [])
+        if len(adapters) > 1:  # TR-DPO's mixed "reference" adapter stays out of the export
+            model.save_pretrained(tmp, selected_adapters=[model.active_adapter])
+        else:
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, data in (records or {}).items():

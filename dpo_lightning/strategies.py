@@ -161,7 +161,7 @@ class FSDPStrategy(AtomicFolderSave, _LFSDP):
         from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 
         path = Path(self.broadcast(checkpoint_path))
-        if not _is_sharded_checkpoint(path):
+        if not _is_sharded_checkpoint(path) or getattr(self.lightning_module, "reference_sync", None):
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         loaded: list[str] = []
 
@@ -344,6 +344,8 @@ def export_policy(trainer, module, tokenizer, out_dir: str | Path, *, merge_adap
     policy = module.policy
     quantized = bool(getattr(module.model_spec, "quantization", None))
     if state is not None:  # sharded: load the gathered weights into an unwrapped copy
+        extra = getattr(module, "reference_adapter", None)  # TR-DPO's mixed adapter is not exported
+        state = {k: v for k, v in state.items() if not extra or f".{extra}." not in k}
         policy = _fresh_policy(module, quantized=False)
         missing, unexpected = policy.load_state_dict(state, strict=False)
         # a tied weight (lm_head = embed_tokens) may be gathered under one of its names only
