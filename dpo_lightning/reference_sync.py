@@ -86,17 +86,28 @@ def _adapter_pairs(policy: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Te
     return pairs
 
 
-def parameter_pairs(module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, policy parameter, reference parameter) for every parameter the sync mixes."""
+_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _clean(name: str) -> str:
+    """A parameter name without FSDP / activation-checkpointing / compile wrapper components."""
+    for w in _WRAPPERS:
+        name = name.replace(w, "")
+    return name
+
+
+def parameter_pairs(module, check_shapes: bool = True) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, policy parameter, reference parameter) for every parameter the sync mixes (``check_shapes``
+    False: sharded parameters, whose local shapes may differ; ``_sync_fsdp`` checks them)."""
     if getattr(module, "reference_adapter", None):
         return [(f"adapter:{i}", p, r) for i, (r, p) in enumerate(_adapter_pairs(module.policy))]
-    ref = dict(module.reference.named_parameters())
-    pol = dict(module.policy.named_parameters())
+    ref = {_clean(n): p for n, p in module.reference.named_parameters()}
+    pol = {_clean(n): p for n, p in module.policy.named_parameters()}
     if set(ref) != set(pol):
         extra = sorted(set(ref) ^ set(pol))[:3]
         raise ValueError(f"reference.sync: the reference and the policy have different parameters (e.g. {extra}); "
                          "TR-DPO needs a reference of the policy's architecture")
-    for name in pol:
+    for name in pol if check_shapes else ():
         if pol[name].shape != ref[name].shape:
             raise ValueError(f"reference.sync: {name} has shape {tuple(pol[name].shape)} in the policy and "
                              f"{tuple(ref[name].shape)} in the reference")
@@ -120,7 +131,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def sync_reference(module, alpha: float, fsdp_root: torch.nn.Module | None = None) -> int:
     """Mix the policy into the reference (see the module docstring); returns the number of tensors mixed.
     ``fsdp_root``: the FSDP(1) root wrapper when the module is sharded by FSDP (collective: call on every rank)."""
-    pairs = parameter_pairs(module)
+    pairs = parameter_pairs(module, check_shapes=fsdp_root is None)
     if fsdp_root is None:
         for _, p, r in pairs:
             _mix_(_local(r.data), _local(p.data), alpha)
@@ -153,6 +164,8 @@ def _sync_fsdp(root: torch.nn.Module, pairs, alpha: float) -> None:
         if id(unit) in gather:
             with FSDP.summon_full_params(unit, recurse=False, writeback=True):
                 for p, r in gather[id(unit)][1]:
+                    if p.shape != r.shape:
+                        raise RuntimeError(f"reference.sync under FSDP: shapes {tuple(p.shape)} and {tuple(r.shape)}")
                     _mix_(r.data, p.data, alpha)
 
 

@@ -1,9 +1,11 @@
-"""TR-DPO and generation evaluation under DDP on 2 CPU processes (gloo), through the real CLI: after every sync
+"""TR-DPO and generation evaluation on 2 CPU processes (gloo). DDP, through the real CLI: after every sync
 each rank's reference log-probs equal those of a model built from the mixed weights, both ranks hold the same
-reference, and the prompts split across ranks come back gathered into one file per validation."""
+reference, and the prompts split across ranks come back gathered into one file per validation. FSDP: the
+sync mixes shards in place and training matches one process."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -96,3 +98,62 @@ def test_ddp_sync_is_exact_on_every_rank_and_generation_is_gathered(tmp_path):
     assert all(r["kl"] == 0.0 for r in first)  # before training the policy is the reference
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "gen/kl" in header and "gen/kl_stderr" in header
+
+
+# build + fit + validate + export without validate_config (which refuses FSDP on a CPU): test only
+RUN_SHARDED = '''
+import json, sys
+import lightning as L
+from dpo_lightning.configs import compose
+from dpo_lightning.strategies import export_policy
+from dpo_lightning.train import build
+
+cfg = compose("train", sys.argv[1:])
+L.seed_everything(cfg.seed, workers=True)
+objs = build(cfg)
+module, dm, trainer = objs["module"], objs["datamodule"], objs["trainer"]
+dm.setup("fit")
+trainer.fit(module, datamodule=dm)
+val = trainer.validate(module, datamodule=dm, verbose=False)
+export_policy(trainer, module, dm.tokenizer, f"{cfg.paths.output_dir}/export")
+if trainer.is_global_zero:
+    print("RESULT " + json.dumps({"val": val[0]["val/loss"], "version": module.reference_version}))
+'''
+
+
+def _sharded(script, out, *overrides):
+    common = ["logger=csv", "print_config=false", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
+              "trainer.gradient_clip_val=null", "scheduler=constant", "scheduler.warmup_ratio=0.0",
+              "optimizer.lr=1e-2", "data.val_fraction=0.02", "trainer.deterministic=true", "callbacks=none",
+              "trainer.val_check_interval=1000", "trainer.max_steps=4", "reference.sync.every_n_steps=2",
+              "reference.sync.alpha=0.5", "data.max_length=32", f"paths.output_dir={out}"]
+    try:
+        res = subprocess.run([sys.executable, str(script), *common, *overrides], capture_output=True, text=True,
+                             timeout=TIMEOUT, cwd=script.parent, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"sharded run did not finish in {TIMEOUT}s (a hang?):\n{(err.stderr or b'')[-3000:]}")
+    assert res.returncode == 0, res.stderr[-4000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
+    with open(out / "csv" / "metrics.csv") as fh:
+        losses = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(fh) if r.get("train/loss")}
+    return json.loads(line[len("RESULT "):]), losses
+
+
+@pytest.mark.slow
+def test_fsdp_sync_mixes_shards_in_place_like_one_process(tmp_path):
+    """FSDP on 2 CPU processes with TR-DPO every 2 steps (and generation evaluation): the same losses after each
+    sync and the same held-out loss as one process with the same global batch."""
+    script = tmp_path / "run_sharded.py"
+    script.write_text(RUN_SHARDED)
+    one, l1 = _sharded(script, tmp_path / "one", "trainer.devices=1", "data.batch_size=8")
+    gen = ["+callbacks.generation._target_=dpo_lightning.callbacks.GenerationEvaluation",
+           "+callbacks.generation.settings.num_prompts=3", "+callbacks.generation.settings.max_new_tokens=5",
+           f"+callbacks.generation.dirpath={tmp_path}/fsdp/generations"]
+    two, l2 = _sharded(script, tmp_path / "fsdp", "strategy=fsdp", "trainer.devices=2", "data.batch_size=4", *gen)
+    assert one["version"] == two["version"] == 2
+    assert sorted(l1) == sorted(l2) and len(l1) == 4
+    for step in l1:  # steps 3-4 are scored against the reference moved at step 2
+        assert l2[step] == pytest.approx(l1[step], abs=1e-4), (l1, l2)
+    assert two["val"] == pytest.approx(one["val"], abs=1e-4)
+    rows = (tmp_path / "fsdp" / "generations" / "step_4.jsonl").read_text().splitlines()
+    assert len(rows) == 6
