@@ -83,3 +83,36 @@ def test_reward_model_judge_in_generation_gives_win_rate_and_reward(tiny_path, t
     want = [1 / (1 + math.exp(y - x)) for x, y in zip(rewards, ref_rewards)]
     assert [r["judge"] for r in records] == pytest.approx(want)
     assert metrics["gen/win_rate"] == pytest.approx(sum(want) / len(want)) and "gen/win_rate_stderr" in metrics
+
+
+def test_dpo_eval_generates_on_an_export_with_a_reward_model_judge(tiny_path, reward_model, tmp_path):
+    """dpo-eval generation.num_prompts=4 generation.judge=<reward model> on an exported (moved) policy:
+    gen/kl, gen/win_rate and gen/reward in eval.json, the samples in generations.jsonl beside it."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_lightning.configs import compose
+    from dpo_lightning.evaluate import evaluate
+
+    torch.set_num_threads(1)
+    export = tmp_path / "export"
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(export)
+    AutoTokenizer.from_pretrained(tiny_path).save_pretrained(export)
+    out = tmp_path / "eval" / "eval.json"
+    cfg = compose("eval", [f"model.name_or_path={export}", "reference.name_or_path=builtin:tiny-llama",
+                           "data.max_length=32", f"output_json={out}", f"paths.output_dir={tmp_path / 'eval'}",
+                           "generation.num_prompts=4", "generation.max_new_tokens=6",
+                           f"generation.judge={reward_model}", f"data.cache_dir={tmp_path / 'cache'}"])
+    metrics = evaluate(cfg)
+    report = json.loads(out.read_text())
+    for name in ("gen/kl", "gen/kl_stderr", "gen/win_rate", "gen/reward", "gen/length", "val/loss"):
+        assert name in report["metrics"] and name in metrics, name
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and report["generations"].endswith("generations.jsonl")
+    assert report["metrics"]["gen/kl"] == pytest.approx(sum(r["kl"] for r in rows) / 8, abs=1e-5)
+    assert report["metrics"]["gen/kl"] != 0.0  # the export differs from its reference

@@ -6,7 +6,7 @@
 At each validation (not the sanity check) the first ``num_prompts`` held-out prompts of the data module are
 sampled from the policy and from the reference (the reference's samples once per run, reused until a TR-DPO
 sync moves it), scored and judged (``generation.py``). Logged: ``gen/kl`` (+ ``gen/kl_stderr``),
-``gen/entropy``, ``gen/length``, ``gen/eos_rate``, with a judge ``gen/win_rate`` (+ ``_stderr``), with a
+``gen/entropy``, ``gen/length``, ``gen/eos_rate``, ``gen/seconds`` (its cost), with a judge ``gen/win_rate`` (+ ``_stderr``), with a
 reward-model judge ``gen/reward``; every logger gets the metrics, W&B also a table per step
 (``generations/step_<N>``), and ``<dirpath>/step_<N>.jsonl`` holds every sample whatever the logger.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,8 @@ class GenerationEvaluation(L.Callback):
         self.dirpath, self.prompt_texts, self.tokenizer = dirpath, prompts, tokenizer
         self.rows, self.write_samples = rows, write_samples
         self.last_records: list[dict] = []
+        self._warned = False
+        self.seconds = 0.0  # wall time spent in generation evaluation, all validations together
         self.judge = build_judge(self.settings.judge, batch_size=self.settings.judge_batch_size)
         self._reference_samples: dict[int, list[list[int]]] = {}
         self._reference_version: int | None = None
@@ -103,7 +106,10 @@ class GenerationEvaluation(L.Callback):
             return
         if version != self._reference_version:  # a TR-DPO sync moved the reference: sample it again
             self._reference_samples, self._reference_version = {}, version
+        start = time.perf_counter()
         self.last_metrics = self.run(trainer, pl_module, tokenizer, prompts, step)
+        self.last_metrics["gen/seconds"] = time.perf_counter() - start  # what this evaluation cost
+        self.seconds += self.last_metrics["gen/seconds"]
         for name, value in self.last_metrics.items():
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
         self._done = (step, version)
@@ -126,7 +132,12 @@ class GenerationEvaluation(L.Callback):
             if self.write_samples:
                 self.last_path = self._write(trainer, records, step)
             self._log_table(trainer, records, step)
-        return summarize(records)
+        metrics = summarize(records)
+        if "gen/kl" not in metrics and not self._warned:
+            log.warning("generation evaluation: no reference model to score against (reference-free loss or "
+                        "reference.precompute=true): gen/kl, reference samples and the judge are skipped")
+            self._warned = True
+        return metrics
 
     def _write(self, trainer, records: list[dict], step: int) -> Path:
         from dpo_lightning.io import atomic_write_text
