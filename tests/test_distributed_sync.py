@@ -139,21 +139,29 @@ def _sharded(script, out, *overrides):
     return json.loads(line[len("RESULT "):]), losses
 
 
-@pytest.mark.slow
-def test_fsdp_sync_mixes_shards_in_place_like_one_process(tmp_path):
-    """FSDP on 2 CPU processes with TR-DPO every 2 steps (and generation evaluation): the same losses after each
-    sync and the same held-out loss as one process with the same global batch."""
-    script = tmp_path / "run_sharded.py"
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sync")
+    script = root / "run_sharded.py"
     script.write_text(RUN_SHARDED)
-    one, l1 = _sharded(script, tmp_path / "one", "trainer.devices=1", "data.batch_size=8")
+    return script, *_sharded(script, root / "one", "trainer.devices=1", "data.batch_size=8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp2"])
+def test_sharded_sync_mixes_shards_in_place_like_one_process(one_process, strategy, tmp_path):
+    """FSDP / FSDP2 on 2 CPU processes with TR-DPO every 2 steps (and generation evaluation): the same losses
+    after each sync and the same held-out loss as one process with the same global batch."""
+    script, one, l1 = one_process
     gen = ["+callbacks.generation._target_=dpo_lightning.callbacks.GenerationEvaluation",
            "+callbacks.generation.settings.num_prompts=3", "+callbacks.generation.settings.max_new_tokens=5",
-           f"+callbacks.generation.dirpath={tmp_path}/fsdp/generations"]
-    two, l2 = _sharded(script, tmp_path / "fsdp", "strategy=fsdp", "trainer.devices=2", "data.batch_size=4", *gen)
+           f"+callbacks.generation.dirpath={tmp_path}/generations"]
+    two, l2 = _sharded(script, tmp_path / "run", f"strategy={strategy}", "trainer.devices=2", "data.batch_size=4",
+                       *gen)
     assert one["version"] == two["version"] == 2
     assert sorted(l1) == sorted(l2) and len(l1) == 4
     for step in l1:  # steps 3-4 are scored against the reference moved at step 2
         assert l2[step] == pytest.approx(l1[step], abs=1e-4), (l1, l2)
     assert two["val"] == pytest.approx(one["val"], abs=1e-4)
-    rows = (tmp_path / "fsdp" / "generations" / "step_4.jsonl").read_text().splitlines()
+    rows = (tmp_path / "generations" / "step_4.jsonl").read_text().splitlines()
     assert len(rows) == 6
