@@ -179,7 +179,11 @@ def _validate_sync_and_generation(cfg: DictConfig, kind: str) -> None:
     generation = _get(cfg, "generation")
     if generation:
         try:
-            GenerationSettings(**{k: v for k, v in generation.items() if k != "_target_"})
+            settings = GenerationSettings(**{k: v for k, v in generation.items() if k != "_target_"})
+            if settings.num_prompts and settings.judge and ":" in str(settings.judge):
+                from dpo_lightning.judges import build_judge
+
+                build_judge(settings.judge)  # a callable judge must import now, not at the first validation
         except (TypeError, ValueError) as err:
             raise ConfigError(str(err)) from None
 

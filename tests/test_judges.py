@@ -116,3 +116,13 @@ def test_dpo_eval_generates_on_an_export_with_a_reward_model_judge(tiny_path, re
     assert len(rows) == 8 and report["generations"].endswith("generations.jsonl")
     assert report["metrics"]["gen/kl"] == pytest.approx(sum(r["kl"] for r in rows) / 8, abs=1e-5)
     assert report["metrics"]["gen/kl"] != 0.0  # the export differs from its reference
+
+
+def test_a_judge_that_does_not_import_is_refused_before_training():
+    from dpo_lightning.configs import compose
+    from dpo_lightning.validation import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="generation.judge='no_such_pkg:judge': cannot import it"):
+        validate_config(compose("train", ["generation.judge=no_such_pkg:judge", "paths.output_dir=/tmp/x"]))
+    with pytest.raises(ConfigError, match="generation.num_samples=0: must be >= 1"):
+        validate_config(compose("train", ["generation.num_samples=0", "paths.output_dir=/tmp/x"]))
