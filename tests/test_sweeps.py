@@ -219,6 +219,7 @@ def test_optuna_three_trials_on_the_embedded_default(tmp_path):
 @pytest.mark.parametrize("overrides,exact", [
     ([], True), (["loss=ipo"], True), (["loss=simpo"], False), (["loss=kto"], False),
     (["trainer.precision=bf16-mixed"], False), (["engine.full_logits=true"], False),
+    (["reference.sync.every_n_steps=10"], False),  # TR-DPO: the reference moves
 ])
 def test_multirun_turns_reference_precompute_on_only_where_exact(overrides, exact):
     from dpo_lightning.configs import compose

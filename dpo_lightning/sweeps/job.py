@@ -87,9 +87,7 @@ def precompute_is_exact(cfg: DictConfig) -> tuple[bool, str]:
         return False, "a sharded strategy"
     if OmegaConf.select(cfg, "engine.full_logits", default=False):
         return False, "engine.full_logits=true (the plain path)"
-    moving = [k for k, c in (cfg.get("callbacks") or {}).items()
-              if c and "sync" in str(c.get("_target_", "")).lower() and "reference" in str(c).lower()]
-    if moving or OmegaConf.select(cfg, "reference.sync_steps", default=None):
+    if int(OmegaConf.select(cfg, "reference.sync.every_n_steps", default=0) or 0) > 0:  # TR-DPO
         return False, "the reference moves during training (reference sync)"
     return True, "exact"
 
