@@ -12,23 +12,8 @@ from typing import Any
 
 import torch
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "16": torch.float16,
-}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """Map a config string (``bf16``, ``float32``, ...) to a torch dtype; ``None``/``auto`` stay ``None``."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype) == "auto":
-        return None
-    try:
-        return DTYPES[str(dtype)]
-    except KeyError:
-        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)} or 'auto'") from None
+from dpo_lightning.models.dtypes import DTYPES, resolve_dtype  # noqa: F401 (re-exported)
+from dpo_lightning.models.quantization import bnb_config
 
 
 @dataclass
@@ -89,8 +74,6 @@ def load_causal_lm(spec: ModelSpec, *, device_map: Any = None):
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.quantization:
-        from dpo_lightning.models.quantization import bnb_config
-
         kwargs["quantization_config"] = bnb_config(spec.quantization)
         if device_map is None:
             device_map = {"": _default_device()}

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from dpo_lightning.models.dtypes import resolve_dtype
+
 QUANT_TYPES = ("nf4", "fp4")
 # Our short keys -> BitsAndBytesConfig arguments.
 _ALIASES = {
@@ -44,8 +46,6 @@ def quantization_bits(settings: dict[str, Any] | None) -> int | None:
 
 def bnb_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
     """``BitsAndBytesConfig`` keyword arguments for our mapping (validated, dtypes resolved)."""
-    from dpo_lightning.models.hf import resolve_dtype
-
     settings = {k: v for k, v in dict(settings).items() if v is not None}
     bits = quantization_bits(settings)
     if bits is None:
