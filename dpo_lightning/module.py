@@ -23,6 +23,7 @@ from dpo_lightning.losses.registry import Loss, LossOutput, get_loss
 from dpo_lightning.models.hf import ModelSpec, load_causal_lm
 from dpo_lightning.models.peft import apply_peft
 from dpo_lightning.models.quirks import engine_plan
+from dpo_lightning.nonfinite import NonFiniteGuard
 from dpo_lightning.optim import OptimizerSpec, SchedulerSpec
 from dpo_lightning.reference import ReferenceSpec, build_reference, reference_model
 from dpo_lightning.reference_sync import ReferenceSync, prepare_reference_sync, sync_settings
@@ -59,13 +60,16 @@ class PreferenceLitModule(L.LightningModule):
             the exact path where they differ (``engine_check.py``); False trusts ``models/quirks.py`` alone.
         router_aux_loss_coef: weight of an MoE policy's router load-balancing loss added to the loss (TRL's
             ``router_aux_loss_coef``); None = the model config's own (0 or no MoE: none).
+        nonfinite: ``{"guard": bool, "max_consecutive": int}``: skip an optimizer step whose loss or gradient
+            is NaN/inf on any rank, and stop after ``max_consecutive`` in a row (``nonfinite.py``).
     """
 
     def __init__(self, model: ModelSpec | dict | str | None = None, loss: Loss | dict | str = "sigmoid",
                  reference: ReferenceSpec | dict | None = None, optimizer: OptimizerSpec | dict | None = None,
                  scheduler: SchedulerSpec | dict | None = None, chunk_size: int = 1024, full_logits: bool = False,
                  peft: dict | None = None, gradient_checkpointing: bool = False, compile: bool = False,
-                 softmax_cache_mb: float = 512, verify: bool = True, router_aux_loss_coef: float | None = None):
+                 softmax_cache_mb: float = 512, verify: bool = True, router_aux_loss_coef: float | None = None,
+                 nonfinite: dict | None = None):
         super().__init__()
         self.model_spec = _as(ModelSpec, model)
         if isinstance(loss, str):
@@ -84,9 +88,11 @@ class PreferenceLitModule(L.LightningModule):
             "scheduler": asdict(self.scheduler_spec), "chunk_size": chunk_size, "full_logits": full_logits,
             "peft": dict(peft) if peft else None, "gradient_checkpointing": gradient_checkpointing,
             "compile": compile, "softmax_cache_mb": softmax_cache_mb, "verify": verify,
-            "router_aux_loss_coef": router_aux_loss_coef,
+            "router_aux_loss_coef": router_aux_loss_coef, "nonfinite": dict(nonfinite or {}),
         })
         self.engine_verify, self._engine_checked = verify, False
+        nonfinite = {"guard": True, **dict(nonfinite or {})}
+        self.nonfinite = NonFiniteGuard(nonfinite.get("max_consecutive", 5)) if nonfinite["guard"] else None
         self.peft_settings = dict(peft) if peft else None
         self.policy = apply_peft(load_causal_lm(self.model_spec), self.peft_settings)
         self.policy_plan = engine_plan(self.policy, router_aux_loss_coef)  # models/quirks.py
@@ -206,6 +212,9 @@ class PreferenceLitModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         out, metrics = self.compute_loss(batch)
         loss_value = metrics.pop("loss")
+        if self.nonfinite is not None:
+            self.nonfinite.observe(out.loss, batch["index"])
+            metrics["skipped_steps"] = torch.tensor(float(self.nonfinite.skipped))
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False,
                       batch_size=self._batch_size(batch))
         # the loss is averaged over ranks (DDP/FSDP/DeepSpeed): the logged value is the global batch's
@@ -225,9 +234,29 @@ class PreferenceLitModule(L.LightningModule):
     # ---------------------------------------------------------------- optim
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         """Step, then drop the gradients at once (as Hugging Face's Trainer does) rather than at the next
-        backward, so they do not sit in memory through the next forward."""
+        backward, so they do not sit in memory through the next forward.
+
+        With the non-finite guard, the closure (forward + backward of the step's last micro-batch) runs first;
+        a step whose loss or gradient is NaN/inf on any rank then drops its gradients on every rank instead
+        of stepping (``nonfinite.py``). The step still counts toward ``max_steps``."""
+        guard = self.nonfinite if optimizer_closure is not None and self._guard_applies() else None
+        if guard is not None:
+            loss = optimizer_closure()
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if guard.should_skip(params, self.trainer.global_step, self.device):
+                optimizer.zero_grad(set_to_none=True)
+                return
+            optimizer_closure = lambda: loss  # noqa: E731  (already run: the precision plugin calls it again)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         optimizer.zero_grad(set_to_none=True)
+
+    def _guard_applies(self) -> bool:
+        """The guard drives the step itself, except under DeepSpeed (its engine owns the step and the
+        gradients); with fp16's GradScaler it checks losses only (the scaler handles gradient overflow)."""
+        if self.nonfinite is None or type(self.trainer.strategy).__name__ == "DeepSpeedStrategy":
+            return False
+        self.nonfinite.check_gradients = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        return True
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -245,6 +274,8 @@ class PreferenceLitModule(L.LightningModule):
                                         if not k.startswith("reference.")}
         checkpoint["reference_version"] = self.reference_version
         checkpoint["loss_state"] = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.loss_state.items()}
+        if self.nonfinite is not None:
+            checkpoint["nonfinite"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check a plain checkpoint holds the policy, and restore the loss's running state. DeepSpeed hands
@@ -254,6 +285,8 @@ class PreferenceLitModule(L.LightningModule):
         if missing:
             raise KeyError(f"checkpoint lacks policy weights, e.g. {missing[:3]}; was it saved by this module?")
         self.loss_state.update(checkpoint.get("loss_state", {}))
+        if self.nonfinite is not None:
+            self.nonfinite.load_state_dict(checkpoint.get("nonfinite", {}))
         if self.reference_sync and self.reference is not None:
             missing = [k for k in self.state_dict() if k.startswith("reference.") and k not in checkpoint["state_dict"]]
             if missing:

@@ -26,6 +26,7 @@ from dpo_lightning.configs import config_dir
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.io import AtomicCheckpointIO
 from dpo_lightning.module import PreferenceLitModule
+from dpo_lightning.nonfinite import NonFiniteError
 from dpo_lightning.runtime import flatten, prepare_wandb, print_config_tree, save_config, wandb_sync_hint
 from dpo_lightning.strategies import build_strategy, export_policy
 from dpo_lightning.sweeps.hydra_callback import register_plugins, sweep_failures, sweep_job_info
@@ -54,6 +55,7 @@ def build(cfg: DictConfig, *, with_trainer: bool = True) -> dict[str, Any]:
                                  optimizer=instantiate(cfg.optimizer, _convert_="all"),
                                  scheduler=instantiate(cfg.scheduler, _convert_="all"),
                                  peft=OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None,
+                                 nonfinite=OmegaConf.to_container(cfg.nonfinite) if cfg.get("nonfinite") else None,
                                  **(OmegaConf.to_container(cfg.engine, resolve=True) if cfg.get("engine") else {}))
     out = {"model_spec": model_spec, "loss": loss, "datamodule": datamodule, "module": module}
     if with_trainer:
@@ -167,7 +169,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return None if summary is None else summary.get("val/rewards/accuracies (after)")
     try:
         summary = train(cfg)
-    except (DataError, ConfigError, FileNotFoundError) as err:
+    except (DataError, ConfigError, FileNotFoundError, NonFiniteError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return summary.get("val/rewards/accuracies (after)")  # the sweep objective
