@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dpo_lightning.callbacks.preemption import PreemptionCheckpoint, resolve_ckpt_path
 from dpo_lightning.configs import config_dir
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.io import AtomicCheckpointIO
@@ -60,6 +61,8 @@ def build(cfg: DictConfig, *, with_trainer: bool = True) -> dict[str, Any]:
     out = {"model_spec": model_spec, "loss": loss, "datamodule": datamodule, "module": module}
     if with_trainer:
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        if cfg.get("preemption", True):  # SIGTERM / SLURM requeue: checkpoint at the next step, every rank, exit
+            callbacks.append(PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"))
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                               strategy=build_strategy(cfg.get("strategy")), plugins=[AtomicCheckpointIO()])
@@ -101,7 +104,7 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
     dm.setup("fit")
     has_val = bool(dm.val_rows)
     before = trainer.validate(module, datamodule=dm, verbose=False) if has_val and cfg.get("eval_before") else []
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir))
     after = trainer.validate(module, datamodule=dm, verbose=False) if has_val else []
 
     summary: dict[str, Any] = {

@@ -3,6 +3,8 @@
 from dpo_lightning.callbacks.checkpoint import PreferenceCheckpoint, selection_metric
 from dpo_lightning.callbacks.curves import TrainingCurves
 from dpo_lightning.callbacks.generation import GenerationEvaluation
+from dpo_lightning.callbacks.preemption import Preempted, PreemptionCheckpoint
 from dpo_lightning.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["GenerationEvaluation", "PreferenceCheckpoint", "ThroughputMonitor", "TrainingCurves", "selection_metric"]
+__all__ = ["GenerationEvaluation", "PreemptionCheckpoint", "Preempted", "PreferenceCheckpoint", "ThroughputMonitor",
+           "TrainingCurves", "selection_metric"]
