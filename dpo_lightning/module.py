@@ -9,6 +9,7 @@ Works with any Lightning strategy, precision, callback or logger; Hydra is not n
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 from typing import Any
 
@@ -195,8 +196,22 @@ class PreferenceLitModule(L.LightningModule):
                 how = "loaded from" if info["hit"] else f"computed in {info['seconds']:.1f}s, saved to"
                 print(f"[dpo_lightning] reference log-probs for {info['rows']} rows {how} {info['path']}")
 
+    def on_fit_start(self) -> None:
+        """Lightning warns about modules in eval mode when training starts; the frozen reference is in eval mode
+        on purpose, so its warning (exactly that count, only when nothing else is in eval mode) is silenced
+        until training starts. Any other module left in eval mode still gets the warning."""
+        frozen = [n for n, m in self.named_modules() if not m.training]
+        if frozen and all(n == "reference" or n.startswith("reference.") for n in frozen):
+            warnings.filterwarnings("ignore", message=rf"Found {len(frozen)} module\(s\) in eval mode at the start")
+            self._eval_warning_filter = warnings.filters[0]
+
     def on_train_start(self) -> None:
         self._policy_trained = True
+        flt = getattr(self, "_eval_warning_filter", None)
+        if flt is not None and flt in warnings.filters:
+            warnings.filters.remove(flt)
+            getattr(warnings, "_filters_mutated", lambda: None)()  # what filterwarnings itself calls
+        self._eval_warning_filter = None
 
     def configure_callbacks(self):
         """TR-DPO (``reference.sync``): the callback that moves the reference (``reference_sync.py``)."""

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from dpo_lightning.data.collate import PreferenceCollator, UnpairedCollator, check_layout
 from dpo_lightning.data.formats import DataError, load_records, normalize, pairs_to_unpaired
+from dpo_lightning.data.from_module import adopt_loss_settings
 from dpo_lightning.data.sampler import LengthGroupedSampler, ResumableDataLoader
 from dpo_lightning.data.tokenize import TruncationConfig, tokenize_records
 from dpo_lightning.data.units import UnitCollator, make_units, units_per_batch
@@ -105,8 +106,9 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: pairs per device step (rows for unpaired data; split pairs and KTO rows travel in units
             of two rows, so an odd size rounds up, ``units.py``); ``eval_batch_size`` defaults to it.
         paired: False turns pairs into (prompt, completion, label) rows for unpaired losses (KTO);
-            None keeps the data's own kind.
-        kl_pairs: add TRL KTO's mismatched (prompt i, completion i-1) rows to unpaired batches.
+            None: learned from the loss of the module this is trained with (``setup``), else the data's kind.
+        kl_pairs: add TRL KTO's mismatched (prompt i, completion i-1) rows to unpaired batches; None: learned
+            from the module's loss, like ``paired``.
         layout: how a batch's sequences are laid out for the model (``collate.py``): ``prefix_shared``
             (default: each prompt computed once for both completions), ``packed`` (the same, padding-free),
             ``packed_unshared`` (padding-free, for flash-attention varlen) or ``plain`` (TRL's layout).
@@ -119,7 +121,7 @@ class PreferenceDataModule(L.LightningDataModule):
                  split: str = "train", val_split: str = "test", batch_size: int = 8,
                  eval_batch_size: int | None = None, max_length: int | None = 512,
                  max_prompt_length: int | None = None, truncation_mode: str = "keep_start",
-                 paired: bool | None = None, kl_pairs: bool = False, num_proc: int = 1, num_workers: int = 0,
+                 paired: bool | None = None, kl_pairs: bool | None = None, num_proc: int = 1, num_workers: int = 0,
                  cache_dir: str | None = None, seed: int = 42, pad_to_multiple_of: int | None = None,
                  layout: str = "prefix_shared", group_by_length: bool = True):
         super().__init__()
@@ -171,6 +173,8 @@ class PreferenceDataModule(L.LightningDataModule):
         return rows
 
     def setup(self, stage: str | None = None) -> None:
+        if adopt_loss_settings(self, getattr(self.trainer, "lightning_module", None) if self.trainer else None):
+            self.train_rows, self.val_rows, self.dropped, self.from_pairs = None, [], Counter(), False
         if self.train_rows is not None:
             return
         records = self._records(self.path, self.split)

@@ -1,0 +1,81 @@
+"""Plugging into a user's own Lightning project, without Hydra: the data module learns paired / kl_pairs from the
+module it is trained with (KTO without `paired=` trains), and Lightning's "module(s) in eval mode" warning about
+the frozen reference is not shown, while a user's own eval-mode module still gets it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import lightning as L
+import pytest
+import torch
+
+from dpo_lightning import PreferenceDataModule, PreferenceLitModule, get_loss
+
+SCRIPT = """
+import csv, sys, warnings
+sys.modules["hydra"] = None  # any `import hydra` raises ImportError: nothing here may need it
+warnings.simplefilter("default")
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from dpo_lightning import PreferenceDataModule, PreferenceLitModule, get_loss
+
+class CountRows(L.Callback):  # the user's own callback
+    rows = 0
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        CountRows.rows += batch["index"].numel()
+        assert batch["num_sequences"] == 2 * batch["index"].numel()  # KTO's KL rows are in the batch
+
+torch.manual_seed(0)
+module = PreferenceLitModule({tiny!r}, loss=get_loss("kto", beta=0.1), optimizer={{"lr": 1e-3}})
+dm = PreferenceDataModule({data!r}, {tiny!r}, batch_size=4, max_length=32, val_fraction=0.1)  # no paired=
+trainer = L.Trainer(max_steps=3, logger=CSVLogger({out!r}, name="mine"), callbacks=[CountRows()],
+                    enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=2, log_every_n_steps=1)
+trainer.fit(module, datamodule=dm)
+val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+assert dm.paired is False and dm.kl_pairs is True and dm.from_pairs
+with open(trainer.logger.log_dir + "/metrics.csv") as fh:
+    names = next(csv.reader(fh))
+assert "train/loss" in names and "train/kl" in names, names
+print("OK", trainer.global_step, CountRows.rows, round(val["val/loss"], 4))
+"""
+
+
+def test_plain_script_with_own_callback_and_logger_kto_without_paired(tiny_path, default_data_path, tmp_path):
+    code = SCRIPT.format(tiny=str(tiny_path), data=default_data_path, out=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "\nOK 3 12 " in res.stdout  # 3 steps x 4 rows, all through the user's callback
+    assert "in eval mode" not in res.stderr
+
+
+def _fit_one_step(module, data, tiny):
+    dm = PreferenceDataModule(data, tiny, batch_size=2, max_length=24)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # pytest's own filter for this message is overridden here
+        trainer.fit(module, datamodule=dm)
+    return [str(w.message) for w in caught if "in eval mode" in str(w.message)], dm
+
+
+def test_eval_mode_warning_only_for_the_users_own_modules(tiny_path, default_data_path):
+    torch.manual_seed(0)
+    module = PreferenceLitModule(str(tiny_path), loss=get_loss("sigmoid", beta=0.1))
+    shown, dm = _fit_one_step(module, default_data_path, str(tiny_path))
+    assert shown == [] and dm.paired is True and dm.kl_pairs is False
+    module = PreferenceLitModule(str(tiny_path), loss=get_loss("sigmoid", beta=0.1))
+    module.probe = torch.nn.Linear(2, 2).eval()  # the user's own module, left in eval mode
+    shown, _ = _fit_one_step(module, default_data_path, str(tiny_path))
+    assert len(shown) == 1 and "Found" in shown[0]
+
+
+def test_explicit_paired_that_contradicts_the_loss_is_refused(tiny_path, default_data_path):
+    module = PreferenceLitModule(str(tiny_path), loss=get_loss("kto", beta=0.1))
+    dm = PreferenceDataModule(default_data_path, str(tiny_path), batch_size=2, max_length=24, paired=True)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"paired=True\) does not fit loss 'kto'"):
+        trainer.fit(module, datamodule=dm)
