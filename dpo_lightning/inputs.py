@@ -79,7 +79,10 @@ def build_inputs(loss: Loss, policy: SeqLogps, reference: SeqLogps | None,
                 batch_reference(batch, f"ref_{k}_logps", lens, ld_alpha, loss.length_normalized)
                 for k, lens in (("chosen", lengths[:B]), ("rejected", lengths[B:2 * B])))
         chosen_tokens = policy.seq < B
-        x.chosen_nll = -policy.token_logps[chosen_tokens].mean()
+        if "step_chosen_tokens" in batch:  # this micro-batch's share of the step's token mean (accumulation.py)
+            x.chosen_nll = -policy.token_logps[chosen_tokens].sum() * batch["accumulate"] / batch["step_chosen_tokens"]
+        else:
+            x.chosen_nll = -policy.token_logps[chosen_tokens].mean()
         if loss.hparams.get("use_weighting"):
             w = wpo_weights(policy)
             x.chosen_weights, x.rejected_weights = w[:B], w[B:2 * B]

@@ -207,6 +207,9 @@ class PreferenceLitModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._policy_trained = True
+        loader = self.trainer.train_dataloader  # NLL token means invariant to accumulation (data/accumulation.py)
+        if hasattr(loader, "accumulate"):
+            loader.accumulate = int(self.trainer.accumulate_grad_batches)
         flt = getattr(self, "_eval_warning_filter", None)
         if flt is not None and flt in warnings.filters:
             warnings.filters.remove(flt)

@@ -132,6 +132,7 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self._yielded = 0
         self._epoch = 0
+        self.accumulate = 1  # micro-batches per optimizer step (set by the module; ``accumulation.py``)
 
     def __iter__(self):
         # a generator too: runs at the first next(), after Lightning's set_epoch and load_state_dict
@@ -139,7 +140,12 @@ class ResumableDataLoader(DataLoader):
         self._epoch = getattr(sampler, "epoch", 0)
         pending = getattr(sampler, "_skip", None)  # the sampler drops these indices; count them as handed out
         self._yielded = pending[1] // max(self.batch_size or 1, 1) if pending and pending[0] == self._epoch else 0
-        for batch in super().__iter__():
+        batches = super().__iter__()
+        if self.accumulate > 1:
+            from dpo_lightning.data.accumulation import with_step_tokens
+
+            batches = with_step_tokens(batches, self.accumulate)
+        for batch in batches:
             self._yielded += 1
             yield batch
 
