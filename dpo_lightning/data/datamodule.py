@@ -2,7 +2,8 @@
 
     dm = PreferenceDataModule("pairs.jsonl", tokenizer="gpt2", val_fraction=0.1, batch_size=8)
 
-Rows are normalized and checked (``formats.py``), tokenized TRL's way and truncated (``tokenize.py``),
+Rows are normalized and checked (``formats.py``; every row against the policies of ``validate.py``, which
+reports counts by reason), tokenized TRL's way and truncated (``tokenize.py``),
 cached on disk under a key of (data, tokenizer, chat template, truncation settings) and collated into the
 batch contract of ``collate.py``. Dropped rows are counted by reason and reported once.
 """
@@ -22,11 +23,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpo_lightning.data.collate import PreferenceCollator, UnpairedCollator, check_layout
-from dpo_lightning.data.formats import DataError, load_records, normalize, pairs_to_unpaired
+from dpo_lightning.data.formats import DataError, load_records, pairs_to_unpaired
 from dpo_lightning.data.from_module import adopt_loss_settings
 from dpo_lightning.data.sampler import LengthGroupedSampler, ResumableDataLoader
 from dpo_lightning.data.tokenize import TruncationConfig, tokenize_records
 from dpo_lightning.data.units import UnitCollator, make_units, units_per_batch
+from dpo_lightning.data.validate import DataValidator
 
 CACHE_VERSION = "2"
 
@@ -115,6 +117,9 @@ class PreferenceDataModule(L.LightningDataModule):
             Every layout gives the same log-probs and gradients.
         group_by_length: batch rows of similar length together (seeded, a permutation of the data, rank-aware,
             resumable; ``sampler.py``). False: a plain seeded shuffle.
+        validation: per-reason policies (``error`` / ``drop`` / ``keep``) of the row checks run before
+            tokenization (``validate.py``, which lists the reasons and defaults).
+        report_path: where to write the validation report (``data_report.json``); None: not written.
     """
 
     def __init__(self, path: str, tokenizer: Any, *, val_path: str | None = None, val_fraction: float = 0.0,
@@ -123,7 +128,8 @@ class PreferenceDataModule(L.LightningDataModule):
                  max_prompt_length: int | None = None, truncation_mode: str = "keep_start",
                  paired: bool | None = None, kl_pairs: bool | None = None, num_proc: int = 1, num_workers: int = 0,
                  cache_dir: str | None = None, seed: int = 42, pad_to_multiple_of: int | None = None,
-                 layout: str = "prefix_shared", group_by_length: bool = True):
+                 layout: str = "prefix_shared", group_by_length: bool = True,
+                 validation: dict[str, str] | None = None, report_path: str | None = None):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
@@ -138,6 +144,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.layout, self.group_by_length = check_layout(layout), group_by_length
         self._tokenizer = tokenizer
+        self.validator, self.report_path = DataValidator(validation), report_path
         self.train_rows: list[dict] | None = None
         self.from_pairs = False  # set when paired data was split into unpaired rows
         self.val_rows: list[dict] = []
@@ -153,7 +160,8 @@ class PreferenceDataModule(L.LightningDataModule):
         return self._tokenizer
 
     def _records(self, source: str, split: str) -> list[dict]:
-        records = normalize(load_records(source, split), where=str(source))
+        records = self.validator.check(load_records(source, split), str(source), self.tokenizer, self.truncation,
+                                       cache_dir=self.cache_dir)
         is_paired = "chosen" in records[0]
         if self.paired is True and not is_paired:
             raise DataError(f"{source}: the loss needs paired rows (prompt/chosen/rejected); this file has "
@@ -195,6 +203,9 @@ class PreferenceDataModule(L.LightningDataModule):
             self.train_rows = rows
         if self.dropped:
             print(f"[dpo_lightning] dropped rows by reason: {dict(self.dropped)}")
+        print(f"[dpo_lightning] data report: {self.validator.summary()}")
+        if self.report_path:
+            self.validator.write_report(self.report_path)
 
     def collator(self, layout: str | None = None):
         pad = self.tokenizer.pad_token_id
