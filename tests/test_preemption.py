@@ -148,3 +148,24 @@ def test_ckpt_path_last_picks_the_newest_complete_checkpoint(tmp_path, capsys):
     (ckpts / "step9.ckpt").mkdir()  # a sharded checkpoint folder, renamed into place when complete
     (ckpts / "step9.ckpt" / "meta.pt").write_bytes(b"x")
     assert latest_checkpoint(tmp_path) == str(ckpts / "step9.ckpt")
+
+
+def test_handler_is_ours_during_training_and_the_previous_one_after(tiny_path, default_data_path, tmp_path):
+    import lightning as L
+
+    from dpo_lightning import PreferenceDataModule, PreferenceLitModule
+    from dpo_lightning.callbacks import PreemptionCheckpoint
+
+    before = signal.getsignal(signal.SIGTERM)
+    cb, seen = PreemptionCheckpoint(str(tmp_path)), []
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, *args):
+            seen.append(signal.getsignal(signal.SIGTERM) == cb._handler)
+
+    module = PreferenceLitModule(str(tiny_path))
+    dm = PreferenceDataModule(default_data_path, str(tiny_path), batch_size=4, max_length=32)
+    L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[cb, Probe()]).fit(module, datamodule=dm)
+    assert seen == [True, True] and signal.getsignal(signal.SIGTERM) == before
+    assert cb.received is None and not list(tmp_path.iterdir())  # no signal: nothing saved

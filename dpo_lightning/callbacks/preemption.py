@@ -73,12 +73,18 @@ class PreemptionCheckpoint(L.Callback):
             signal.signal(signum, self._handler)
         self._seen_step = trainer.global_step
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+    def _restore(self) -> None:
+        """Put back the handlers found at train start (Lightning's), before Lightning restores its originals."""
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
         self._previous = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
 
     # ---------------------------------------------------------------- the stop
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
