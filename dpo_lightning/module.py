@@ -232,7 +232,7 @@ class PreferenceLitModule(L.LightningModule):
         loss_value = metrics.pop("loss")
         if self.nonfinite is not None:
             self.nonfinite.observe(out.loss, batch["index"])
-            metrics["skipped_steps"] = torch.tensor(float(self.nonfinite.skipped))
+            metrics["skipped_steps"] = float(self.nonfinite.skipped)  # a Python number: Lightning places it
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False,
                       batch_size=self._batch_size(batch))
         # the loss is averaged over ranks (DDP/FSDP/DeepSpeed): the logged value is the global batch's
