@@ -11,9 +11,10 @@ import torch
 from dpo_lightning import LOSSES, PreferenceDataModule, PreferenceLitModule, get_loss
 from dpo_lightning.data.accumulation import with_step_tokens
 
-# AOT sorts the log-ratios of the whole batch (an optimal-transport match between the batch's chosen and rejected
-# rewards), so its loss depends on which pairs share a micro-batch by definition; it is left out.
-BATCH_COUPLED = {"aot", "aot_unpaired"}
+# Batch-coupled by definition, left out: AOT sorts the log-ratios of the whole batch (an optimal-transport match
+# between the batch's chosen and rejected rewards); beta-DPO sets beta from the batch's reward-gap statistics and
+# filters pairs by them (Wu et al. 2024, Sec. 4).
+BATCH_COUPLED = {"aot", "aot_unpaired", "beta_dpo"}
 PAIRED = sorted(n for n, spec in LOSSES.items() if spec.paired and n not in BATCH_COUPLED)
 
 
