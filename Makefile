@@ -28,7 +28,7 @@ test-fast: setup  ## the suite without tests marked slow
 	$(BIN)/pytest -q -m "not slow"
 
 lint: setup  ## ruff (pyflakes and friends)
-	$(BIN)/ruff check dpo_lightning tests scripts
+	$(BIN)/ruff check dpo_lightning tests scripts hydra_plugins
 
 bench: setup  ## speed/memory benchmark against the plain path (see docs/performance.md)
 	$(BIN)/python scripts/benchmark.py
