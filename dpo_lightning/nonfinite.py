@@ -56,6 +56,8 @@ class NonFiniteGuard:
         grads = [p.grad for p in params if p.grad is not None]
         if self.check_gradients and grads:
             norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)  # one fused norm
+            if hasattr(norm, "full_tensor"):  # FSDP2: sharded (DTensor) gradients give a sharded norm
+                norm = norm.full_tensor()
             flag = flag | ~torch.isfinite(norm.to(device))
         return flag
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dpo_lightning.losses.common import completion_lengths, logratios, need, paired_output, wpo
-from dpo_lightning.losses.registry import LossInputs, LossOutput, register
+from dpo_lightning.losses.registry import NON_NEGATIVE, LossInputs, LossOutput, Range, register
 
 GAP_MEAN, GAP_STD = "beta_dpo/gap_mean", "beta_dpo/gap_std"
 
@@ -32,18 +32,9 @@ def _pooled_mean_std(gap: torch.Tensor) -> tuple[float, float]:
     return mean, max(var, 0.0) ** 0.5
 
 
-def _bind_beta_dpo(hp: dict) -> dict:
-    if not 0.0 <= float(hp["filter_ratio"]) < 1.0:
-        raise ValueError(f"beta_dpo: filter_ratio={hp['filter_ratio']} must lie in [0, 1)")
-    if not 0.0 <= float(hp["momentum"]) < 1.0:
-        raise ValueError(f"beta_dpo: momentum={hp['momentum']} must lie in [0, 1)")
-    if float(hp["beta"]) <= 0:
-        raise ValueError(f"beta_dpo: beta={hp['beta']} must be > 0")
-    return hp
-
-
 @register("beta_dpo", paper="Wu et al. 2024 (beta-DPO), arXiv:2407.08639, Sec. 4 (dynamic beta, Eq. 7; "
-          "beta-guided data filtering, Eq. 8)", bind=_bind_beta_dpo)
+          "beta-guided data filtering, Eq. 8)",
+          ranges={"filter_ratio": Range(0, 1, hi_open=True), "momentum": Range(0, 1, hi_open=True)})
 def beta_dpo(x: LossInputs, *, beta: float = 0.1, alpha: float = 0.6, filter_ratio: float = 0.2,
              momentum: float = 0.9) -> LossOutput:
     """-log sigma(beta_b * delta) over a filtered subset of the batch, delta = chosen - rejected log-ratio.
@@ -89,7 +80,8 @@ def beta_dpo(x: LossInputs, *, beta: float = 0.1, alpha: float = 0.6, filter_rat
     return out
 
 
-@register("dpop", paper="Pal et al. 2024 (Smaug, DPO-Positive), arXiv:2402.13228, Eq. 3")
+@register("dpop", paper="Pal et al. 2024 (Smaug, DPO-Positive), arXiv:2402.13228, Eq. 3",
+          ranges={"dpop_lambda": NON_NEGATIVE})
 def dpop(x: LossInputs, *, beta: float = 0.1, dpop_lambda: float = 50.0) -> LossOutput:
     """-log sigma(beta * (c - r - lambda * max(0, -c))), c/r = chosen/rejected log pi/pi_ref.
 
