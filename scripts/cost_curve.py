@@ -71,6 +71,15 @@ def rows_of(report: dict) -> list[dict]:
     return out
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+    os.replace(tmp, path)
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -146,12 +155,7 @@ def main() -> None:
                 print(f"[cost_curve] {r['contender']:<14} L={length:<5} B={batch}: {r['pairs_per_s']:.2f} pairs/s, "
                       f"{r['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s, load {r['load_after']:.1f})",
                       file=sys.stderr)
-        tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
-        os.replace(tmp, csv_path)
+            write_csv(rows, csv_path)  # after every point: a later failure keeps the measured ones
     load = max(r["load_after"] for r in rows)
     plot(rows, png_path, f"{args.shape} Llama (29.9M), fp32 CPU, HH-RLHF pairs, {int(rows[0]['steps'])} timed "
                          f"steps per point; highest 1-min load average during the runs: {load:.1f}")
