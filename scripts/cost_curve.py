@@ -43,7 +43,10 @@ def run_point(args, length: int, batch: int, trl: bool) -> dict:
            "--batch-size", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--only", "ours"] + (["trl", "--trl-python", args.trl_python] if trl else [])
     load = os.getloadavg()[0]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    env = dict(os.environ)
+    if args.threads:  # every contender's process (and the matmul peak they measure) on this many threads
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     report = json.loads(proc.stdout)
@@ -85,6 +88,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
     sweeps = (("max_length", "batch_size", 4, "max_length (4 pairs/step)"),
@@ -113,6 +117,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             ax.grid(alpha=0.3)
             ax.legend()
         axes[0, col].set_yscale("log")
+        axes[0, col].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axes[0, col].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axes[1, col].set_ylim(bottom=0)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -130,6 +136,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=4, help="timed steps per point (both contenders)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--shape", default="small")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of every run (default: torch's; 1 keeps a busy machine's figures sane)")
     p.add_argument("--out", default=str(REPO / "docs"), help="folder for cost_curve.csv / cost_curve.png")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per point")
     p.add_argument("--from-csv", action="store_true", help="only redraw the PNG from <out>/cost_curve.csv")
