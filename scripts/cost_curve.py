@@ -133,6 +133,7 @@ def parse_args(argv=None):
     p.add_argument("--trl-python", default=None, help="a python with TRL 1.16 (e.g. /work/trlenv/bin/python)")
     p.add_argument("--trl-points", nargs="*", default=None,
                    help="the points TRL runs, as LENGTHxBATCH (e.g. 256x4 1024x4); default: all")
+    p.add_argument("--points", nargs="*", default=None, help="only these points, as LENGTHxBATCH (default: all)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per point (both contenders)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--shape", default="small")
@@ -155,7 +156,8 @@ def main() -> None:
                      for k, v in r.items()} for r in csv.DictReader(f)]
     else:
         rows, t0 = [], time.perf_counter()
-        for length, batch in points():
+        todo = [tuple(int(v) for v in p.split("x")) for p in args.points] if args.points else points()
+        for length, batch in todo:
             trl = bool(args.trl_python) and (args.trl_points is None or f"{length}x{batch}" in args.trl_points)
             report = run_point(args, length, batch, trl)
             rows += rows_of(report)
