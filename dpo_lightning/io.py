@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
@@ -36,17 +37,32 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO that writes ``<file>.tmp`` and renames it over ``<file>``, and reads checkpoints
-    with ``weights_only=True`` (tensors and plain containers only: a planted file cannot run code)."""
+    with ``weights_only=True`` (tensors and plain containers only: a planted file cannot run code).
+
+    A local file is written by ``torch.save`` straight to disk, tensor by tensor: Lightning's own
+    ``TorchCheckpointIO`` first serializes the whole checkpoint (weights and optimizer state) into an in-memory
+    buffer, a transient copy of all of it that sets the run's peak memory. Remote paths (``s3://``, ...) go
+    through Lightning's (an fsspec transaction).
+    """
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
         return super().load_checkpoint(path, map_location=map_location,
                                        weights_only=True if weights_only is None else weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
+        if "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)  # fsspec's transaction
+        if storage_options is not None:
+            raise TypeError(f"storage_options are not supported by {type(self).__name__} for local files")
+        path = Path(str(path).removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def remove_path(path: Path) -> None:

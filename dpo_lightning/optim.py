@@ -11,7 +11,14 @@ import torch
 
 @dataclass
 class OptimizerSpec:
-    """``optimizer`` config group. name: a ``torch.optim`` class (AdamW, Adam, SGD, ...) or a dotted path."""
+    """``optimizer`` config group. name: a ``torch.optim`` class (AdamW, Adam, SGD, ...) or a dotted path.
+
+    Adam and AdamW use torch's fused kernel wherever it takes the parameters (CPU, CUDA; not DTensor shards)
+    unless ``kwargs`` names ``fused`` or ``foreach``: the same update in one kernel per parameter, with none of
+    the single-tensor path's parameter-sized temporaries (~2x the largest parameter, 100 MB for a 50k x 256
+    embedding) nor the ``foreach`` path's copies of every parameter, so the optimizer step stays below the
+    step's peak memory. ``optimizer.kwargs.fused=false`` turns it off.
+    """
 
     name: str = "AdamW"
     lr: float = 5e-7
@@ -28,7 +35,14 @@ class OptimizerSpec:
             klass = getattr(torch.optim, self.name, None)
             if klass is None:
                 raise ValueError(f"optimizer.name={self.name!r} is not a torch.optim class")
-        return klass(params, lr=self.lr, weight_decay=self.weight_decay, **self.kwargs)
+        kwargs = dict(self.kwargs)
+        if klass in (torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & set(kwargs):
+            params = list(params)
+            try:  # TRL's default too; off: optimizer.kwargs.fused=false
+                return klass(params, lr=self.lr, weight_decay=self.weight_decay, fused=True, **kwargs)
+            except (RuntimeError, ValueError):  # parameters the fused kernel does not take (e.g. DTensor shards)
+                pass
+        return klass(params, lr=self.lr, weight_decay=self.weight_decay, **kwargs)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Where reference log-probs come from.
 
-    copy     a frozen copy of the policy's initial weights (default when no other is named)
+    copy     a frozen copy of the policy's initial weights (default when no other is named): loaded again
+             from the same files (read-only mapped pages), or a deep copy of the policy where it cannot be
     model    a frozen, separately loaded model (``reference.name_or_path``)
     none     no reference (reference-free losses: ORPO, SimPO, CPO, ...): nothing is loaded or run
     adapter  the policy itself with its LoRA adapters disabled: no second copy of the weights
@@ -62,6 +63,11 @@ def build_reference(mode: str, spec: ReferenceSpec, policy_spec: ModelSpec, poli
     """The frozen reference module for ``mode`` (None for none/adapter: no separate weights)."""
     if mode == "copy":
         if spec.dtype is None and spec.quantization is None:
+            if policy_spec.quantization is None and not hasattr(policy, "peft_config"):
+                # the same weights, loaded again: ``from_pretrained`` maps the weight files read-only, so the
+                # pages the frozen reference never reads (embedding rows of tokens the data never holds) stay
+                # on disk instead of in a private copy (``copy.deepcopy`` touches every byte)
+                return freeze(load_causal_lm(policy_spec))
             return freeze(copy.deepcopy(policy))
         mode, spec = "model", ReferenceSpec(name_or_path=policy_spec.name_or_path, dtype=spec.dtype,
                                             quantization=spec.quantization)

@@ -26,6 +26,7 @@ from dpo_lightning.callbacks.preemption import PreemptionCheckpoint, resolve_ckp
 from dpo_lightning.configs import config_dir
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.io import AtomicCheckpointIO
+from dpo_lightning.memory import release_free_memory
 from dpo_lightning.module import PreferenceLitModule
 from dpo_lightning.nonfinite import NonFiniteError
 from dpo_lightning.runtime import flatten, prepare_wandb, print_config_tree, save_config, wandb_sync_hint
@@ -102,6 +103,8 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
         lg.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
 
     dm.setup("fit")
+    dm.release_tokenizer()  # the rows are tokenized; the export reloads it
+    release_free_memory()
     has_val = bool(dm.val_rows)
     before = trainer.validate(module, datamodule=dm, verbose=False) if has_val and cfg.get("eval_before") else []
     trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir))

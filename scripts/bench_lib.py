@@ -95,18 +95,24 @@ def model_shape(config: dict) -> dict:
             "params": non_emb + (1 if tied else 2) * V * H, "tied_embeddings": tied}
 
 
+def useful_flop_parts(pairs: list[tuple[int, int, int]], shape: dict, reference: bool) -> dict[str, float]:
+    """The minimal computation of these pairs, prompt counted once (``benchmark.py``'s docstring), by kind:
+    ``linear`` (the decoder's weight matmuls: linear in the tokens), ``lm_head`` (completion tokens only) and
+    ``attention`` (scores and values: each token times the keys it sees, so quadratic in the length)."""
+    N, H, V, nl = shape["non_embedding_params"], shape["H"], shape["V"], shape["layers"]
+    k = 8 if reference else 6  # forward + backward of the policy (2 + 4), + the reference's forward (2)
+    parts = {"linear": 0.0, "lm_head": 0.0, "attention": 0.0}
+    for P, C, R in pairs:
+        ctx = P * (P + 1) / 2 + C * P + C * (C + 1) / 2 + R * P + R * (R + 1) / 2
+        parts["linear"] += k * N * (P + C + R)
+        parts["lm_head"] += k * H * V * (C + R)
+        parts["attention"] += (k // 2) * 4 * nl * H * ctx  # 3A (policy) + A (reference)
+    return parts
+
+
 def useful_flops(pairs: list[tuple[int, int, int]], shape: dict, reference: bool) -> float:
     """The minimal computation of these pairs, prompt counted once (``benchmark.py``'s docstring)."""
-    N, H, V, nl = shape["non_embedding_params"], shape["H"], shape["V"], shape["layers"]
-    total = 0.0
-    for P, C, R in pairs:
-        tokens = P + C + R
-        ctx = P * (P + 1) / 2 + C * P + C * (C + 1) / 2 + R * P + R * (R + 1) / 2
-        attn = 4 * nl * H * ctx
-        total += 6 * N * tokens + 3 * attn + 6 * H * V * (C + R)
-        if reference:
-            total += 2 * N * tokens + attn + 2 * H * V * (C + R)
-    return total
+    return sum(useful_flop_parts(pairs, shape, reference).values())
 
 
 def conventional_flops(processed_tokens: int, shape: dict, reference: bool) -> float:
@@ -159,12 +165,13 @@ def summarize(r: dict, shape: dict, peak: float | None) -> dict:
     tokens["pair_tokens"] = 2 * tokens["prompt"] + tokens["chosen"] + tokens["rejected"]
     tokens["unique_tokens"] = tokens["prompt"] + tokens["chosen"] + tokens["rejected"]
     tokens["processed_tokens"], tokens["positions"] = r.pop("processed_tokens"), r.pop("positions")
-    useful, conventional = useful_flops(pairs, shape, reference), conventional_flops(
-        tokens["processed_tokens"], shape, reference)
+    parts = useful_flop_parts(pairs, shape, reference)
+    useful, conventional = sum(parts.values()), conventional_flops(tokens["processed_tokens"], shape, reference)
     r.update({
         "pairs_per_s": r["pairs"] / s, "tokens_per_s": tokens["pair_tokens"] / s, "timed_tokens": tokens,
         "padding_fraction": 1 - tokens["processed_tokens"] / max(tokens["positions"], 1),
         "useful_tflops_per_step": useful / max(r["steps"], 1) / 1e12, "useful_flops_per_s": useful / s,
+        "useful_flop_shares": {k: v / useful for k, v in parts.items()} if useful else None,
         "useful_flop_utilisation": useful / s / peak if peak else None,
         "mfu_conventional": conventional / s / peak if peak else None, "peak_flops_used": peak,
     })

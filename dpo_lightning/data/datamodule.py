@@ -70,15 +70,22 @@ def tokenize_cached(records: list[dict], tokenizer, cfg: TruncationConfig, *, nu
         "DPO_LIGHTNING_CACHE", Path.home() / ".cache" / "dpo_lightning")) / "tokenized"
     path = root / f"{key}.json"
     if not path.exists():
-        import datasets
+        if num_proc > 1:
+            import datasets
 
-        ds = datasets.Dataset.from_dict({"row": [json.dumps(r) for r in records]})
-        ds = ds.map(_tokenize_batch, batched=True, with_indices=True, num_proc=num_proc if num_proc > 1 else None,
-                    fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, remove_columns=["row"],
-                    desc="Tokenizing", load_from_cache_file=False)
-        dropped = Counter(d for d in ds["drop"] if d)
-        kept = [[r["index"], r["prompt_ids"], r["a_ids"], r["b_ids"], r["label"]]
-                for r in ds.to_list() if not r["drop"]]
+            ds = datasets.Dataset.from_dict({"row": [json.dumps(r) for r in records]})
+            ds = ds.map(_tokenize_batch, batched=True, with_indices=True, num_proc=num_proc,
+                        fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, remove_columns=["row"],
+                        desc="Tokenizing", load_from_cache_file=False)
+            dropped = Counter(d for d in ds["drop"] if d)
+            kept = [[r["index"], r["prompt_ids"], r["a_ids"], r["b_ids"], r["label"]]
+                    for r in ds.to_list() if not r["drop"]]
+            del ds
+        else:  # one process: no `datasets` (importing it alone keeps ~80 MB resident for the whole run)
+            rows, dropped = tokenize_records(records, tokenizer, cfg)
+            kept = [[r["index"], r["prompt_ids"], r.get("chosen_ids", r.get("completion_ids")),
+                     r.get("rejected_ids", []), bool(r.get("label", False))] for r in rows]
+            del rows
         root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=".json")
         with os.fdopen(fd, "w") as f:
@@ -143,7 +150,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.num_proc, self.num_workers, self.cache_dir, self.seed = num_proc, num_workers, cache_dir, seed
         self.pad_to_multiple_of = pad_to_multiple_of
         self.layout, self.group_by_length = check_layout(layout), group_by_length
-        self._tokenizer = tokenizer
+        self._tokenizer = self._tokenizer_source = tokenizer
+        self._pad_token_id: int | None = None
         self.validator, self.report_path = DataValidator(validation), report_path
         self.train_rows: list[dict] | None = None
         self.from_pairs = False  # set when paired data was split into unpaired rows
@@ -158,6 +166,22 @@ class PreferenceDataModule(L.LightningDataModule):
             spec = self._tokenizer if isinstance(self._tokenizer, ModelSpec) else ModelSpec(str(self._tokenizer))
             self._tokenizer = load_tokenizer(spec)
         return self._tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        if self._pad_token_id is None:
+            self._pad_token_id = self.tokenizer.pad_token_id
+        return self._pad_token_id
+
+    def release_tokenizer(self) -> None:
+        """Drop the loaded tokenizer once the rows are tokenized (a BPE tokenizer holds ~25-50 MB for the whole
+        run otherwise); ``tokenizer`` loads it again when asked (the export). Kept when it was given as an
+        object (it could not be reloaded)."""
+        from dpo_lightning.models.hf import ModelSpec
+
+        if self.train_rows is not None and isinstance(self._tokenizer_source, (str, Path, ModelSpec)):
+            self._pad_token_id = self.pad_token_id
+            self._tokenizer = self._tokenizer_source
 
     def _records(self, source: str, split: str) -> list[dict]:
         records = self.validator.check(load_records(source, split), str(source), self.tokenizer, self.truncation,
@@ -208,7 +232,7 @@ class PreferenceDataModule(L.LightningDataModule):
             self.validator.write_report(self.report_path)
 
     def collator(self, layout: str | None = None):
-        pad = self.tokenizer.pad_token_id
+        pad = self.pad_token_id
         layout = layout or self.layout
         if self.train_rows and "completion_ids" in self.train_rows[0]:
             return UnpairedCollator(pad, self.pad_to_multiple_of, kl_pairs=self.kl_pairs, layout=layout,
