@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -33,11 +34,17 @@ from dpo_lightning.data.validate import DataValidator
 CACHE_VERSION = "2"
 
 
+_CALL_STATE = re.compile(r'"truncation":(null|\{[^{}]*\}),"padding":(null|\{[^{}]*\}),')
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything about the tokenizer that changes token ids."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    if backend is not None:  # without the call-time truncation/padding state that encoding sets and clears
+        h.update(_CALL_STATE.sub("", backend.to_str(), count=1).encode())
+    else:
+        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     h.update(repr((tokenizer.chat_template, tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token)).encode())
     return h.hexdigest()
 

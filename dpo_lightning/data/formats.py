@@ -126,6 +126,18 @@ def _check_field(row: dict, field: str, where: str, i: int) -> None:
                     f"got {type(value).__name__}")
 
 
+def _common_prefix_length(a: str, b: str) -> int:
+    """Length of the longest common prefix of two strings (binary search on C-speed slice compares)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     """Split an implicit-prompt pair into (prompt, chosen, rejected).
 
@@ -140,9 +152,7 @@ def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
         while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
             n += 1
         return chosen[:n], chosen[n:], rejected[n:]
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
+    n = _common_prefix_length(chosen, rejected)
     common = chosen[:n]
     cut = max((common.rfind(m) + len(m) if m in common else -1) for m in ASSISTANT_MARKERS)
     if cut < 0:

@@ -52,17 +52,38 @@ def _ids(tokenizer, value: Any, *, generation_prompt: bool = False) -> list[int]
     return list(tokenizer(text=value)["input_ids"])
 
 
-def tokenize_completions(tokenizer, prompt: Any, completions: list[Any]) -> tuple[list[int], list[list[int]]]:
-    """(prompt_ids, [completion_ids...]) for one prompt and its completions (EOS appended to text)."""
+def _text_inputs(tokenizer, prompt: str, completions: list[str]) -> list[str]:
+    """The texts a text row tokenizes: the prompt, then prompt + completion (EOS appended) for each."""
     eos = tokenizer.eos_token
-    if isinstance(prompt, str):
-        completions = [c if c.endswith(eos) else c + eos for c in completions]
-        full = [_ids(tokenizer, prompt + c) for c in completions]
-    else:
-        full = [_ids(tokenizer, prompt + c) for c in completions]
-    prompt_ids = _ids(tokenizer, prompt, generation_prompt=isinstance(prompt, list))
+    return [prompt] + [prompt + (c if c.endswith(eos) else c + eos) for c in completions]
+
+
+def _split(prompt_ids: list[int], full: list[list[int]]) -> tuple[list[int], list[list[int]]]:
     n = min(_common_prefix(prompt_ids, f) for f in full)
     return prompt_ids[:n], [f[n:] for f in full]
+
+
+def tokenize_completions(tokenizer, prompt: Any, completions: list[Any]) -> tuple[list[int], list[list[int]]]:
+    """(prompt_ids, [completion_ids...]) for one prompt and its completions (EOS appended to text)."""
+    if isinstance(prompt, str):
+        prompt_ids, *full = [_ids(tokenizer, t) for t in _text_inputs(tokenizer, prompt, completions)]
+        return _split(prompt_ids, full)
+    full = [_ids(tokenizer, prompt + c) for c in completions]
+    return _split(_ids(tokenizer, prompt, generation_prompt=True), full)
+
+
+def _batched_text_ids(tokenizer, records: list[dict[str, Any]], comps: list[list[Any]]) -> dict[int, list]:
+    """Ids of every text row's inputs from one batched call of a fast tokenizer (the same ids as one call
+    per text: no special-token or padding difference), keyed by row; {} for slow tokenizers."""
+    if not getattr(tokenizer, "is_fast", False):
+        return {}
+    rows = [i for i, r in enumerate(records) if isinstance(r["prompt"], str) and all(isinstance(c, str)
+                                                                                      for c in comps[i])]
+    texts = [_text_inputs(tokenizer, records[i]["prompt"], comps[i]) for i in rows]
+    if not texts:
+        return {}
+    ids = iter(tokenizer(text=[t for group in texts for t in group])["input_ids"])
+    return {i: [list(next(ids)) for _ in group] for i, group in zip(rows, texts)}
 
 
 def truncate(prompt: list[int], completions: list[list[int]], cfg: TruncationConfig):
@@ -90,10 +111,15 @@ def truncate(prompt: list[int], completions: list[list[int]], cfg: TruncationCon
 def tokenize_records(records: list[dict[str, Any]], tokenizer, cfg: TruncationConfig) -> tuple[list[dict], Counter]:
     """Tokenize and truncate records (paired or unpaired); returns (rows, dropped-count by reason)."""
     rows, dropped = [], Counter()
+    all_comps = [[r["chosen"], r["rejected"]] if "chosen" in r else [r["completion"]] for r in records]
+    batched = _batched_text_ids(tokenizer, records, all_comps)
     for i, r in enumerate(records):
-        paired = "chosen" in r
-        comps = [r["chosen"], r["rejected"]] if paired else [r["completion"]]
-        p, cs = tokenize_completions(tokenizer, r["prompt"], comps)
+        paired, comps = "chosen" in r, all_comps[i]
+        if i in batched:
+            prompt_ids, *full = batched.pop(i)
+            p, cs = _split(prompt_ids, full)
+        else:
+            p, cs = tokenize_completions(tokenizer, r["prompt"], comps)
         p, cs = truncate(p, cs, cfg)
         if p is None:
             dropped[cs] += 1
