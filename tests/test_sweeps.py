@@ -97,7 +97,7 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert res.returncode == 1  # the sweep finished, but not every job did
     df = load(sweep).set_index("job")
     assert list(df["status"]) == ["ok", "failed", "ok"]
-    assert df.loc[1, "error"] == "ValueError: label_smoothing=0.7 must lie in [0.0, 0.5)"
+    assert df.loc[1, "error"] == "ConfigError: loss.label_smoothing=0.7: must lie in [0, 0.5) (loss 'sigmoid')"
     assert df.loc[2, "val/rewards/accuracies"] >= 0
     assert "failed" in (sweep / "sweep_report.md").read_text()
     assert "sweep job 1 (loss.label_smoothing=0.7) failed" in res.stderr
