@@ -225,3 +225,39 @@ def format_table(report: dict) -> str:
     peak = first.get("peak_flops_used")
     lines.append(f"   peak FLOP/s used for both utilisations: {peak:.3g}" if peak else "   no peak FLOP/s: no MFU")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ profiling (``--profile DIR``)
+class StepProfiler:
+    """``torch.profiler`` over a run's timed steps; ``stop`` writes the top operators by self time (and the same
+    grouped by input shape) to ``<dir>/<run>.txt``. The profiler's own overhead slows the run: a profiled run's
+    rates are not figures."""
+
+    def __init__(self, folder: str, name: str, rows: int = 45):
+        self.path, self.rows, self.prof = f"{folder}/{name}.txt", rows, None
+
+    def start(self) -> None:
+        import torch
+
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=acts, record_shapes=True)
+        self.prof.__enter__()
+
+    def stop(self) -> None:
+        import os
+
+        if self.prof is None:
+            return
+        self.prof.__exit__(None, None, None)
+        key = "self_cuda_time_total" if any(e.device_type.name == "CUDA" for e in self.prof.events()) \
+            else "self_cpu_time_total"
+        avg = self.prof.key_averages()
+        text = (avg.table(sort_by=key, row_limit=self.rows, max_name_column_width=60) + "\n\nby input shape:\n"
+                + self.prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=self.rows,
+                                                                           max_name_column_width=60))
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "w") as f:
+            f.write(text)
+        self.prof = None

@@ -82,6 +82,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lib import (  # noqa: E402
     SHAPES,
+    StepProfiler,
     check_same_batches,
     cuda_bf16_peak,
     format_table,
@@ -242,6 +243,8 @@ def worker(args) -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if cuda:
                 torch.cuda.synchronize()
+            if profiler is not None and len(self.ends) == args.warmup:
+                profiler.start()
             self.starts.append(time.perf_counter())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -257,6 +260,7 @@ def worker(args) -> None:
                 self.positions += batch["input_ids"].numel()
 
     timer = Timer()
+    profiler = StepProfiler(args.profile, args.worker) if args.profile else None
     trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator=args.device, devices=1,
                         precision="bf16-true" if cuda else cfg.trainer.precision,
                         gradient_clip_val=cfg.trainer.gradient_clip_val, logger=False, callbacks=[timer],
@@ -265,6 +269,8 @@ def worker(args) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, datamodule=dm)
+    if profiler is not None:
+        profiler.stop()
     peak = cuda_bf16_peak(args.peak_flops) if cuda else (args.peak_flops or max(peak, matmul_peak_flops()))
     w = args.warmup
     result = {
@@ -307,7 +313,8 @@ def run_command(name: str, args, model_dir: Path, rows: Path, cache: Path) -> li
     if name.startswith("trl"):
         return ([args.trl_python, str(REPO / "scripts" / "benchmark_trl.py")] + common
                 + (["--precompute"] if name == "trl_precompute" else []))
-    return [sys.executable, __file__, "--worker", name, "--cache", str(cache)] + common + [
+    return [sys.executable, __file__, "--worker", name, "--cache", str(cache)] + common + (
+        ["--profile", args.profile] if args.profile else []) + [
         a for o in args.override or [] for a in ("-o", o)]
 
 
@@ -331,6 +338,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trl-python", default=None, help="a python with TRL 1.16 (e.g. /work/trlenv/bin/python)")
     p.add_argument("-o", "--override", action="append", help="Hydra override for our runs (repeatable)")
     p.add_argument("--repeats", type=int, default=1, help="run every configuration this many times (best kept)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile our runs' timed steps (torch.profiler): top operators to DIR/<run>.txt; the "
+                        "profiled rates are not figures")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--rows", default=None, help=argparse.SUPPRESS)
