@@ -201,7 +201,12 @@ def load(path: Path, n_rows: int) -> dict[str, torch.Tensor] | None:
 
 
 def attach(rows: list[dict[str, Any]], values: dict[str, torch.Tensor]) -> None:
-    """Write the per-row values into the row dicts (the collators copy them into batches)."""
+    """Write the per-row values into the row dicts (the collators copy them into batches); rows built on
+    access (``TokenRows``) carry them as columns."""
+    if hasattr(rows, "set_column"):
+        for k, v in values.items():
+            rows.set_column(k, v.detach().cpu().numpy())
+        return
     cols = {k: v.tolist() for k, v in values.items()}
     for i, r in enumerate(rows):
         for k, col in cols.items():

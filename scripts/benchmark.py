@@ -179,15 +179,14 @@ def prepare_rows(model_dir: Path, data: str, max_length: int, batch_size: int, n
 
 def warm_tokenization(model_dir: Path, rows_jsonl: Path, max_length: int, folder: Path) -> Path:
     """Fill dpo_lightning's tokenization cache for the runs (what any second run of the same data finds)."""
-    from dpo_lightning.data.datamodule import tokenize_cached
-    from dpo_lightning.data.formats import load_records, normalize
+    from dpo_lightning.data.cache import tokenize_source
     from dpo_lightning.data.tokenize import TruncationConfig
     from dpo_lightning.models.hf import ModelSpec, load_tokenizer
 
     tok = load_tokenizer(ModelSpec(str(model_dir)))
-    records = normalize(load_records(str(rows_jsonl)), where=str(rows_jsonl))
-    tokenize_cached(records, tok, TruncationConfig(max_length), cache_dir=folder)
-    return next(folder.glob("*.json"))
+    rows, _, _ = tokenize_source(str(rows_jsonl), "train", tok, TruncationConfig(max_length), paired=True,
+                                 cache_dir=folder, progress=False)  # the key dpo-train's data module uses
+    return rows.folder
 
 
 # ------------------------------------------------------------------ one run (worker process)
@@ -376,7 +375,7 @@ def main() -> None:
         for name in runs:
             run_cache = work / f"cache-{name}-{rep}"  # fresh reference cache, warm tokenization cache
             run_cache.mkdir()
-            shutil.copy(warm, run_cache / warm.name)
+            shutil.copytree(warm, run_cache / warm.name)
             r = run_subprocess(run_command(name, args, model_dir, rows, run_cache))
             check_same_batches({name: r}, timed)
             r["repeat"] = rep

@@ -67,12 +67,16 @@ def test_all_rows_dropped_is_an_error_and_bad_policies_are_refused(tokenizer):
         check_policies({"missing_field": "keep"})
 
 
-def test_datamodule_writes_the_report_and_caches_it(tmp_path, tiny_path, capsys):
+def test_datamodule_writes_the_report_and_caches_it(tmp_path, tiny_path, capsys, monkeypatch):
+    from dpo_lightning.data import cache
+
     data = tmp_path / "pairs.jsonl"
     rows = [OK, {**OK, "prompt": "a dog sat on"}, {**OK, "rejected": OK["chosen"]}, OK]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = tmp_path / "run" / "data_report.json"
-    for _ in range(2):  # the second setup reads the validation cache
+    for run in range(2):  # the second setup is a cache hit: no row is read or checked, the report comes back
+        if run:
+            monkeypatch.setattr(cache, "_work", lambda task: pytest.fail("a cache hit must not check or tokenize"))
         dm = PreferenceDataModule(str(data), str(tiny_path), batch_size=2, max_length=32, report_path=str(report),
                                   validation={"duplicate_pair": "drop"}, cache_dir=str(tmp_path / "cache"))
         dm.setup("fit")
@@ -80,5 +84,6 @@ def test_datamodule_writes_the_report_and_caches_it(tmp_path, tiny_path, capsys)
     src = json.loads(report.read_text())["sources"][str(data)]
     assert src["rows"] == 4 and src["kept"] == 2
     assert {r: v["count"] for r, v in src["by_reason"].items()} == {"identical_completions": 1, "duplicate_pair": 1}
-    assert len(list((tmp_path / "cache" / "validated").glob("*.json"))) == 1
+    (entry,) = (tmp_path / "cache").iterdir()  # one entry: the arrays and the report together
+    assert json.loads((entry / "meta.json").read_text())["report"] == src
     assert "data report: " + str(data) + ": 4 rows, 2 kept" in capsys.readouterr().out

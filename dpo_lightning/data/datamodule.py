@@ -3,113 +3,35 @@
     dm = PreferenceDataModule("pairs.jsonl", tokenizer="gpt2", val_fraction=0.1, batch_size=8)
 
 Rows are normalized and checked (``formats.py``; every row against the policies of ``validate.py``, which
-reports counts by reason), tokenized TRL's way and truncated (``tokenize.py``),
-cached on disk under a key of (data, tokenizer, chat template, truncation settings) and collated into the
-batch contract of ``collate.py``. Dropped rows are counted by reason and reported once.
+reports counts by reason), tokenized TRL's way and truncated (``tokenize.py``) in ``num_proc`` processes
+(the checks run there too, on the same encoding), cached on disk as flat token arrays under a key of (data,
+tokenizer, chat template, truncation settings, policies) and memory-mapped back (``cache.py``, ``store.py``:
+``train_rows`` / ``val_rows`` are views over the maps, shared by the ranks of a node), then collated into
+the batch contract of ``collate.py``. Dropped rows are counted by reason and reported once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from dpo_lightning.data.cache import tokenize_cached, tokenize_source, tokenizer_fingerprint
 from dpo_lightning.data.collate import PreferenceCollator, UnpairedCollator, check_layout
-from dpo_lightning.data.formats import DataError, load_records, pairs_to_unpaired
+from dpo_lightning.data.formats import DataError
 from dpo_lightning.data.from_module import adopt_loss_settings
 from dpo_lightning.data.sampler import LengthGroupedSampler, ResumableDataLoader
-from dpo_lightning.data.tokenize import TruncationConfig, tokenize_records
-from dpo_lightning.data.units import UnitCollator, make_units, units_per_batch
+from dpo_lightning.data.store import TokenRows
+from dpo_lightning.data.tokenize import TruncationConfig
+from dpo_lightning.data.units import UnitCollator, UnitRows, unit_positions, units_per_batch
 from dpo_lightning.data.validate import DataValidator
 
-CACHE_VERSION = "2"
-
-
-_CALL_STATE = re.compile(r'"truncation":(null|\{[^{}]*\}),"padding":(null|\{[^{}]*\}),')
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything about the tokenizer that changes token ids."""
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # without the call-time truncation/padding state that encoding sets and clears
-        h.update(_CALL_STATE.sub("", backend.to_str(), count=1).encode())
-    else:
-        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(repr((tokenizer.chat_template, tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token)).encode())
-    return h.hexdigest()
-
-
-def _tokenize_batch(batch: dict[str, list], indices: list[int], tokenizer, cfg: TruncationConfig) -> dict[str, list]:
-    records = [json.loads(r) for r in batch["row"]]
-    out: dict[str, list] = {k: [] for k in ("index", "prompt_ids", "a_ids", "b_ids", "label", "drop")}
-    for i, rec in zip(indices, records):
-        rows, dropped = tokenize_records([rec], tokenizer, cfg)
-        r = rows[0] if rows else {}
-        out["index"].append(i)
-        out["prompt_ids"].append(r.get("prompt_ids", []))
-        out["a_ids"].append(r.get("chosen_ids", r.get("completion_ids", [])))
-        out["b_ids"].append(r.get("rejected_ids", []))
-        out["label"].append(bool(r.get("label", rec.get("label", False))))
-        out["drop"].append(next(iter(dropped), ""))
-    return out
-
-
-def tokenize_cached(records: list[dict], tokenizer, cfg: TruncationConfig, *, num_proc: int = 1,
-                    cache_dir: str | Path | None = None) -> tuple[list[dict], Counter]:
-    """Tokenize (in ``num_proc`` processes) with an on-disk cache; returns (rows, dropped by reason).
-
-    The cache holds the kept rows as one JSON file (written atomically), so a cache hit reads it without
-    importing ``datasets`` (which only runs the multi-process tokenization on a miss).
-    """
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, records, tokenizer_fingerprint(tokenizer), cfg.__dict__],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:20]
-    root = Path(cache_dir) if cache_dir else Path(os.environ.get(
-        "DPO_LIGHTNING_CACHE", Path.home() / ".cache" / "dpo_lightning")) / "tokenized"
-    path = root / f"{key}.json"
-    if not path.exists():
-        if num_proc > 1:
-            import datasets
-
-            ds = datasets.Dataset.from_dict({"row": [json.dumps(r) for r in records]})
-            ds = ds.map(_tokenize_batch, batched=True, with_indices=True, num_proc=num_proc,
-                        fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, remove_columns=["row"],
-                        desc="Tokenizing", load_from_cache_file=False)
-            dropped = Counter(d for d in ds["drop"] if d)
-            kept = [[r["index"], r["prompt_ids"], r["a_ids"], r["b_ids"], r["label"]]
-                    for r in ds.to_list() if not r["drop"]]
-            del ds
-        else:  # one process: no `datasets` (importing it alone keeps ~80 MB resident for the whole run)
-            rows, dropped = tokenize_records(records, tokenizer, cfg)
-            kept = [[r["index"], r["prompt_ids"], r.get("chosen_ids", r.get("completion_ids")),
-                     r.get("rejected_ids", []), bool(r.get("label", False))] for r in rows]
-            del rows
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"dropped": dropped, "rows": kept}, f, separators=(",", ":"))
-        os.replace(tmp, path)  # atomic; a concurrent run writing the same key writes the same content
-    blob = json.loads(path.read_text())
-    dropped = Counter(blob["dropped"])
-    paired = "chosen" in records[0]
-    rows = []
-    for index, prompt_ids, a_ids, b_ids, label in blob["rows"]:
-        row = {"index": index, "prompt_ids": prompt_ids}
-        if paired:
-            row["chosen_ids"], row["rejected_ids"] = a_ids, b_ids
-        else:
-            row["completion_ids"], row["label"] = a_ids, label
-        rows.append(row)
-    return rows, dropped
+__all__ = ["PreferenceDataModule", "tokenize_cached", "tokenizer_fingerprint"]
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -131,8 +53,9 @@ class PreferenceDataModule(L.LightningDataModule):
             Every layout gives the same log-probs and gradients.
         group_by_length: batch rows of similar length together (seeded, a permutation of the data, rank-aware,
             resumable; ``sampler.py``). False: a plain seeded shuffle.
+        num_proc: processes that check and tokenize a source on a cache miss (None: every core).
         validation: per-reason policies (``error`` / ``drop`` / ``keep``) of the row checks run before
-            tokenization (``validate.py``, which lists the reasons and defaults).
+            tokenization (``validate.py``, which lists the reasons and defaults; run in the tokenizing processes).
         report_path: where to write the validation report (``data_report.json``); None: not written.
     """
 
@@ -140,7 +63,8 @@ class PreferenceDataModule(L.LightningDataModule):
                  split: str = "train", val_split: str = "test", batch_size: int = 8,
                  eval_batch_size: int | None = None, max_length: int | None = 512,
                  max_prompt_length: int | None = None, truncation_mode: str = "keep_start",
-                 paired: bool | None = None, kl_pairs: bool | None = None, num_proc: int = 1, num_workers: int = 0,
+                 paired: bool | None = None, kl_pairs: bool | None = None, num_proc: int | None = None,
+                 num_workers: int = 0,
                  cache_dir: str | None = None, seed: int = 42, pad_to_multiple_of: int | None = None,
                  layout: str = "prefix_shared", group_by_length: bool = True,
                  validation: dict[str, str] | None = None, report_path: str | None = None):
@@ -160,9 +84,9 @@ class PreferenceDataModule(L.LightningDataModule):
         self._tokenizer = self._tokenizer_source = tokenizer
         self._pad_token_id: int | None = None
         self.validator, self.report_path = DataValidator(validation), report_path
-        self.train_rows: list[dict] | None = None
+        self.train_rows: TokenRows | None = None
         self.from_pairs = False  # set when paired data was split into unpaired rows
-        self.val_rows: list[dict] = []
+        self.val_rows: TokenRows | list = []
         self.dropped: Counter = Counter()
 
     @property
@@ -190,23 +114,13 @@ class PreferenceDataModule(L.LightningDataModule):
             self._pad_token_id = self.pad_token_id
             self._tokenizer = self._tokenizer_source
 
-    def _records(self, source: str, split: str) -> list[dict]:
-        records = self.validator.check(load_records(source, split), str(source), self.tokenizer, self.truncation,
-                                       cache_dir=self.cache_dir)
-        is_paired = "chosen" in records[0]
-        if self.paired is True and not is_paired:
-            raise DataError(f"{source}: the loss needs paired rows (prompt/chosen/rejected); this file has "
-                            "unpaired rows (prompt/completion/label)")
-        if self.paired is False and is_paired:
-            records = pairs_to_unpaired(records)  # rows 2i, 2i+1: pair i's chosen and rejected
-            self.from_pairs = True
-        return records
-
-    def _tokenize(self, records: list[dict], source: str) -> list[dict]:
-        rows, dropped = tokenize_cached(records, self.tokenizer, self.truncation, num_proc=self.num_proc,
-                                        cache_dir=self.cache_dir)
+    def _tokenize(self, source: str, split: str) -> TokenRows:
+        rows, dropped, split_pairs = tokenize_source(source, split, self.tokenizer, self.truncation,
+                                                     paired=self.paired, validator=self.validator,
+                                                     num_proc=self.num_proc, cache_dir=self.cache_dir)
+        self.from_pairs = self.from_pairs or split_pairs
         self.dropped.update(dropped)
-        if not rows:
+        if not len(rows):
             raise DataError(f"{source}: no rows left after tokenization and truncation (dropped: {dict(dropped)}); "
                             "raise data.max_length or lower data.max_prompt_length")
         return rows
@@ -216,20 +130,19 @@ class PreferenceDataModule(L.LightningDataModule):
             self.train_rows, self.val_rows, self.dropped, self.from_pairs = None, [], Counter(), False
         if self.train_rows is not None:
             return
-        records = self._records(self.path, self.split)
-        rows = self._tokenize(records, self.path)
+        rows = self._tokenize(self.path, self.split)
         if self.val_path:
             self.train_rows = rows
-            self.val_rows = self._tokenize(self._records(self.val_path, self.val_split), self.val_path)
+            self.val_rows = self._tokenize(self.val_path, self.val_split)
         elif self.val_fraction > 0:
             # hold out whole pairs: the two rows of a split pair never straddle train and validation
-            group = [r["index"] // 2 if self.from_pairs else r["index"] for r in rows]
-            keys = sorted(set(group))
+            group = rows.index // 2 if self.from_pairs else rows.index
+            keys = np.unique(group)  # sorted
             g = torch.Generator().manual_seed(self.seed)
-            order = torch.randperm(len(keys), generator=g).tolist()
-            held = {keys[i] for i in order[: max(1, int(round(self.val_fraction * len(keys))))]}
-            self.val_rows = [r for r, k in zip(rows, group) if k in held]
-            self.train_rows = [r for r, k in zip(rows, group) if k not in held]
+            order = torch.randperm(len(keys), generator=g).numpy()
+            held = np.isin(group, keys[order[: max(1, int(round(self.val_fraction * len(keys))))]])
+            self.val_rows = rows.take(np.flatnonzero(held))  # views in row order: no row is copied
+            self.train_rows = rows.take(np.flatnonzero(~held))
         else:
             self.train_rows = rows
         if self.dropped:
@@ -246,8 +159,17 @@ class PreferenceDataModule(L.LightningDataModule):
                                     from_pairs=self.from_pairs)
         return PreferenceCollator(pad, self.pad_to_multiple_of, layout=layout)
 
-    def row_lengths(self, rows: list[dict]) -> list[int]:
+    def row_lengths(self, rows) -> list[int]:
         """Tokens each row puts through the model in this layout (the sampler's grouping key)."""
+        if isinstance(rows, TokenRows):  # from the length arrays, without building rows
+            p, a = rows.lengths("prompt"), rows.lengths("a")
+            comps = [a, rows.lengths("b")] if rows.paired else [a] * (2 if self.kl_pairs else 1)
+            if self.layout == "plain":
+                return (p + np.max(comps, axis=0)).tolist()
+            if self.layout == "packed_unshared":
+                return sum(p + c for c in comps).tolist()
+            return (p + sum(comps)).tolist()
+
         def length(r):
             p = len(r["prompt_ids"])
             comps = ([r["chosen_ids"], r["rejected_ids"]] if "chosen_ids" in r else [r["completion_ids"]] * (
@@ -259,16 +181,20 @@ class PreferenceDataModule(L.LightningDataModule):
             return p + sum(len(c) for c in comps)
         return [length(r) for r in rows]
 
-    def _loader(self, rows: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, rows, batch_size: int, shuffle: bool) -> DataLoader:
         # a split pair's rows, and KTO's rows two by two, travel as one unit (same rank, same batch; units.py)
-        units = make_units(rows, from_pairs=self.from_pairs, kl_pairs=self.kl_pairs)
-        items, collate = (rows, self.collator()) if units is None else (units, UnitCollator(self.collator()))
+        index = rows.index if isinstance(rows, TokenRows) else [r["index"] for r in rows]
+        units = unit_positions(index, from_pairs=self.from_pairs, kl_pairs=self.kl_pairs)
+        items, collate = (rows, self.collator()) if units is None else (
+            UnitRows(rows, units), UnitCollator(self.collator()))
         if units is not None:
             batch_size = units_per_batch(batch_size)
         if not shuffle:  # Lightning gives each rank its share of ``items`` (DistributedSampler) under DDP
             return DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate,
                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-        lengths = self.row_lengths(rows) if units is None else [sum(self.row_lengths(u)) for u in units]
+        lengths = self.row_lengths(rows)
+        if units is not None:
+            lengths = [sum(lengths[p] for p in u) for u in units]
         sampler = LengthGroupedSampler(lengths, batch_size, seed=self.seed, group_by_length=self.group_by_length)
         return ResumableDataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                                    num_workers=self.num_workers, persistent_workers=self.num_workers > 0)

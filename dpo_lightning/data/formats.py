@@ -68,16 +68,20 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     with opener(path, "rt", encoding="utf-8") as fh:
         for i, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: row {len(rows)} (line {i + 1}): invalid JSON: {err.msg}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: row {len(rows)} (line {i + 1}): expected a JSON object")
-            rows.append(row)
+            if line.strip():
+                rows.append(parse_jsonl_line(line, path, len(rows), i + 1))
     return rows
+
+
+def parse_jsonl_line(line: str, path: Any, row: int, line_no: int) -> dict[str, Any]:
+    """One JSONL row, or a ``DataError`` naming the file, row and line."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: row {row} (line {line_no}): invalid JSON: {err.msg}") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: row {row} (line {line_no}): expected a JSON object")
+    return value
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
@@ -188,14 +192,18 @@ def _mixed_prompt(prompt: Any, chosen: Any, rejected: Any, where: str, i: int) -
                     "their own non-assistant turns and no shared prefix; give the prompt as messages")
 
 
-def normalize(rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+def normalize(rows: list[dict[str, Any]], where: str, *, start: int = 0,
+              unpaired: bool | None = None) -> list[dict[str, Any]]:
     """Check every row and return canonical records: paired (prompt/chosen/rejected) or unpaired
-    (prompt/completion/label). Structural errors raise ``DataError``; mixing the two kinds does too."""
+    (prompt/completion/label). Structural errors raise ``DataError``; mixing the two kinds does too.
+    A chunk of a larger source passes its first row number (``start``) and the source's kind (``unpaired``,
+    decided by the source's first row)."""
     if not rows:
         raise DataError(f"{where}: the dataset is empty")
-    unpaired = "completion" in rows[0] and "label" in rows[0]
+    if unpaired is None:
+        unpaired = "completion" in rows[0] and "label" in rows[0]
     out = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, start=start):
         if not isinstance(row, dict):
             raise DataError(f"{where}: row {i}: expected a mapping, got {type(row).__name__}")
         if unpaired:

@@ -58,18 +58,20 @@ def _text_inputs(tokenizer, prompt: str, completions: list[str]) -> list[str]:
     return [prompt] + [prompt + (c if c.endswith(eos) else c + eos) for c in completions]
 
 
-def _split(prompt_ids: list[int], full: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+def split_prompt(prompt_ids: list[int], full: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, [completion ids]) from the prompt's own ids and each prompt + completion's ids."""
     n = min(_common_prefix(prompt_ids, f) for f in full)
     return prompt_ids[:n], [f[n:] for f in full]
+
 
 
 def tokenize_completions(tokenizer, prompt: Any, completions: list[Any]) -> tuple[list[int], list[list[int]]]:
     """(prompt_ids, [completion_ids...]) for one prompt and its completions (EOS appended to text)."""
     if isinstance(prompt, str):
         prompt_ids, *full = [_ids(tokenizer, t) for t in _text_inputs(tokenizer, prompt, completions)]
-        return _split(prompt_ids, full)
+        return split_prompt(prompt_ids, full)
     full = [_ids(tokenizer, prompt + c) for c in completions]
-    return _split(_ids(tokenizer, prompt, generation_prompt=True), full)
+    return split_prompt(_ids(tokenizer, prompt, generation_prompt=True), full)
 
 
 def _batched_text_ids(tokenizer, records: list[dict[str, Any]], comps: list[list[Any]]) -> dict[int, list]:
@@ -108,24 +110,34 @@ def truncate(prompt: list[int], completions: list[list[int]], cfg: TruncationCon
     return prompt, completions
 
 
+def encode_records(records: list[dict[str, Any]], tokenizer) -> list[tuple[list[int], list[list[int]]]]:
+    """Each record's (prompt ids, [prompt + completion ids]) before the prompt is split off (``split_prompt``):
+    text rows from one batched call of a fast tokenizer, the others one by one."""
+    all_comps = [[r["chosen"], r["rejected"]] if "chosen" in r else [r["completion"]] for r in records]
+    batched = _batched_text_ids(tokenizer, records, all_comps)
+    out = []
+    for i, r in enumerate(records):
+        if i in batched:
+            prompt_ids, *full = batched.pop(i)
+        elif isinstance(r["prompt"], str):
+            prompt_ids, *full = [_ids(tokenizer, t) for t in _text_inputs(tokenizer, r["prompt"], all_comps[i])]
+        else:
+            full = [_ids(tokenizer, r["prompt"] + c) for c in all_comps[i]]
+            prompt_ids = _ids(tokenizer, r["prompt"], generation_prompt=True)
+        out.append((prompt_ids, full))
+    return out
+
+
 def tokenize_records(records: list[dict[str, Any]], tokenizer, cfg: TruncationConfig) -> tuple[list[dict], Counter]:
     """Tokenize and truncate records (paired or unpaired); returns (rows, dropped-count by reason)."""
     rows, dropped = [], Counter()
-    all_comps = [[r["chosen"], r["rejected"]] if "chosen" in r else [r["completion"]] for r in records]
-    batched = _batched_text_ids(tokenizer, records, all_comps)
-    for i, r in enumerate(records):
-        paired, comps = "chosen" in r, all_comps[i]
-        if i in batched:
-            prompt_ids, *full = batched.pop(i)
-            p, cs = _split(prompt_ids, full)
-        else:
-            p, cs = tokenize_completions(tokenizer, r["prompt"], comps)
-        p, cs = truncate(p, cs, cfg)
+    for i, (r, (prompt_ids, full)) in enumerate(zip(records, encode_records(records, tokenizer))):
+        p, cs = truncate(*split_prompt(prompt_ids, full), cfg)
         if p is None:
             dropped[cs] += 1
             continue
         row = {"index": i, "prompt_ids": p}
-        if paired:
+        if "chosen" in r:
             row["chosen_ids"], row["rejected_ids"] = cs
         else:
             row["completion_ids"], row["label"] = cs[0], bool(r["label"])

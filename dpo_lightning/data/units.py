@@ -12,24 +12,27 @@ Without either, rows are independent and batched as they are (``make_units`` ret
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 
-def make_units(rows: list[dict[str, Any]], *, from_pairs: bool, kl_pairs: bool) -> list[list[dict]] | None:
-    """Rows grouped into units (see the module docstring), in row order; None when rows stand alone."""
+def unit_positions(index, *, from_pairs: bool, kl_pairs: bool) -> list[list[int]] | None:
+    """Positions of the rows (whose source row numbers are ``index``) grouped into units; None when rows
+    stand alone. Works on the index alone, so no row is built (``TokenRows.index``)."""
     if not (from_pairs or kl_pairs):
         return None
-    units: list[list[dict]] = []
-    for r in rows:  # rows are in index order: a pair's two rows are neighbours when both survived
-        if from_pairs and units and units[-1][0]["index"] // 2 == r["index"] // 2:
-            units[-1].append(r)
+    index = [int(i) for i in index]
+    units: list[list[int]] = []
+    for p, i in enumerate(index):  # rows are in index order: a pair's two rows are neighbours when both survived
+        if from_pairs and units and index[units[-1][0]] // 2 == i // 2:
+            units[-1].append(p)
         else:
-            units.append([r])
+            units.append([p])
     if not kl_pairs:
         return units
-    joined: list[list[dict]] = []
-    single: list[dict] | None = None
+    joined: list[list[int]] = []
+    single: list[int] | None = None
     for unit in units:
         if len(unit) >= 2:
             joined.append(unit)
@@ -44,6 +47,25 @@ def make_units(rows: list[dict[str, Any]], *, from_pairs: bool, kl_pairs: bool) 
         else:
             joined.append(single)
     return joined
+
+
+def make_units(rows: Sequence[dict[str, Any]], *, from_pairs: bool, kl_pairs: bool) -> list[list[dict]] | None:
+    """Rows grouped into units (see the module docstring), in row order; None when rows stand alone."""
+    units = unit_positions([r["index"] for r in rows], from_pairs=from_pairs, kl_pairs=kl_pairs)
+    return None if units is None else [[rows[p] for p in u] for u in units]
+
+
+class UnitRows(Sequence):
+    """The units of ``rows`` as a sequence (each item: the unit's row dicts, built on access)."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]], units: list[list[int]]):
+        self.rows, self.units = rows, units
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, u: int) -> list[dict[str, Any]]:
+        return [self.rows[p] for p in self.units[u]]
 
 
 def units_per_batch(batch_size: int) -> int:

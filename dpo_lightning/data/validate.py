@@ -25,19 +25,21 @@ it, ``keep`` only counts it):
 
 All rows dropped is an error. ``report`` holds the counts, the policies and the first row numbers per reason;
 ``write_report`` saves it as JSON (atomically).
+
+The checks themselves (``checks.py``) run chunk by chunk inside the tokenizing worker processes (``cache.py``),
+on the same encoding the rows are then stored with; this class merges the chunks' results in row order
+(``begin`` / ``absorb`` / ``finish``), so counts, example rows, the first error and the cross-row reasons
+(``duplicate_pair``, ``mixed_formats``) are those of one pass over the whole source. ``check`` is that pass
+over rows in memory.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from dpo_lightning.data.formats import DataError, is_messages, normalize
+from dpo_lightning.data.checks import ChunkContext, ChunkResult, check_chunk
+from dpo_lightning.data.formats import DataError
 
 POLICIES = ("error", "drop", "keep")
 DEFAULT_POLICIES = {
@@ -49,7 +51,6 @@ DEFAULT_POLICIES = {
 # A row with these problems cannot be trained on: it is refused or dropped, never kept.
 NO_KEEP = {"missing_field", "non_string_field", "mixed_formats", "prompt_fills_max_length", "empty_after_truncation"}
 EXAMPLES = 20  # row numbers kept per reason in the report
-CACHE_VERSION = "1"
 
 
 def check_policies(policies: dict[str, str] | None) -> dict[str, str]:
@@ -65,12 +66,21 @@ def check_policies(policies: dict[str, str] | None) -> dict[str, str]:
     return out
 
 
-def _texts(value: Any) -> list[str]:
-    return [m["content"] for m in value] if is_messages(value) else [value] if isinstance(value, str) else []
+def first_kind(rows, where: str, unpaired_file: bool) -> bool | None:
+    """Whether the first row of ``rows`` that reads at all is paired (None: none reads), as ``check_chunk``
+    would read it: the kind the rest of the source must match (``mixed_formats``)."""
+    from dpo_lightning.data.formats import normalize
+
+    for i, row in enumerate(rows):
+        try:
+            return "chosen" in normalize([row], where, start=i, unpaired=True if unpaired_file else None)[0]
+        except DataError:
+            continue
+    return None
 
 
-def _structural_reason(message: str) -> str:
-    return "missing_field" if "missing field" in message else "non_string_field"
+def is_unpaired_file(first_row: Any) -> bool:
+    return isinstance(first_row, dict) and "completion" in first_row and "label" in first_row
 
 
 class DataValidator:
@@ -80,73 +90,68 @@ class DataValidator:
         self.policies = check_policies(policies)
         self.report: dict[str, Any] = {"policies": self.policies, "sources": {}}
 
-    # ---------------------------------------------------------------- one source
-    def check(self, rows: list[dict[str, Any]], where: str, tokenizer=None, truncation=None,
-              cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    # ---------------------------------------------------------------- one source, in memory
+    def check(self, rows: list[dict[str, Any]], where: str, tokenizer=None, truncation=None) -> list[dict[str, Any]]:
         """Normalized records of ``rows`` that pass (policies applied); raises ``DataError`` on an ``error``
-        reason or when no row is left. Token-level reasons need ``tokenizer`` and ``truncation``. With
-        a tokenizer, a passing result (kept rows + report) is cached under a hash of rows, tokenizer,
-        truncation and policies in ``cache_dir`` (default: the tokenization cache's root), so a second run
-        does not tokenize twice."""
+        reason or when no row is left. Token-level reasons need ``tokenizer`` and ``truncation``."""
         if not rows:
             raise DataError(f"{where}: the dataset is empty")
-        cache = self._cache_file(rows, tokenizer, truncation, cache_dir) if tokenizer is not None else None
-        if cache is not None and cache.exists():
-            blob = json.loads(cache.read_text())
-            self.report["sources"][where] = blob["report"]
-            return [normalize([rows[0], rows[i]] if blob["unpaired"] and i else [rows[i]], where)[-1]
-                    for i in blob["kept"]]
-        records = self._check(rows, where, tokenizer, truncation)
-        if cache is not None:
-            from dpo_lightning.io import atomic_write_json
+        unpaired = is_unpaired_file(rows[0])
+        ctx = ChunkContext(where, self.policies, tokenizer, truncation, unpaired, first_kind(rows, where, unpaired))
+        self.begin(where)
+        result = check_chunk(rows, 0, ctx)
+        gone = self.absorb(result)
+        self.finish(where, len(rows))
+        return [rec for i, rec, _ in result.kept if i not in gone]
 
-            unpaired = isinstance(rows[0], dict) and "completion" in rows[0] and "label" in rows[0]
-            atomic_write_json(cache, {"kept": self._kept, "unpaired": unpaired,
-                                      "report": self.report["sources"][where]})
-        return records
+    # ---------------------------------------------------------------- chunk results, merged in row order
+    def begin(self, where: str) -> None:
+        self._where, self._counts, self._examples, self._seen, self._dropped = where, Counter(), {}, set(), 0
 
-    def _cache_file(self, rows, tokenizer, truncation, cache_dir) -> Path:
-        from dpo_lightning.data.datamodule import tokenizer_fingerprint
+    def absorb(self, chunk: ChunkResult) -> set[int]:
+        """Apply one chunk's events (chunks in row order); returns the rows the chunk kept that the
+        cross-chunk duplicate check drops. Raises the first ``error`` of the chunk."""
+        events: dict[int, list] = {}
+        for e in chunk.events:
+            events.setdefault(e[0], []).append(e)
+        hashes = dict(chunk.hashes)
+        gone: set[int] = set()
+        for i in sorted(events.keys() | hashes.keys()):
+            stages = [[e for e in events.get(i, []) if e[1] == s] for s in (0, 1)]
+            if self._apply(stages[0]):
+                continue
+            h = hashes.get(i)
+            if h is not None:
+                if h in self._seen:
+                    if self._flag(i, "duplicate_pair", "the same prompt, chosen and rejected as an earlier row"):
+                        self._dropped += 1
+                        gone.add(i)
+                        continue
+                self._seen.add(h)
+            self._apply(stages[1])
+        return gone
 
-        parts = [CACHE_VERSION, rows, tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
-                 getattr(truncation, "__dict__", None), self.policies]
-        key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-        root = Path(cache_dir) if cache_dir else Path(os.environ.get(
-            "DPO_LIGHTNING_CACHE", Path.home() / ".cache" / "dpo_lightning"))  # as the tokenization cache
-        return root / "validated" / f"{key}.json"
+    def _apply(self, events: list) -> bool:
+        for i, _, reason, detail in events:
+            if reason is None:  # an error that no policy covers (unreadable line, no chat template)
+                raise DataError(detail)
+            if self._flag(i, reason, detail):
+                self._dropped += 1
+                return True
+        return False
 
-    def _check(self, rows, where, tokenizer, truncation) -> list[dict[str, Any]]:
-        self._where, self._counts, self._examples = where, Counter(), {}
-        kept: list[tuple[int, dict]] = []
-        kind, seen = None, set()
-        specials, self._eos = self._specials(tokenizer), getattr(tokenizer, "eos_token", None)
-        unpaired_file = isinstance(rows[0], dict) and "completion" in rows[0] and "label" in rows[0]
-        for i, row in enumerate(rows):
-            try:  # formats.py's own checks, row by row (an unpaired file's rows are read as unpaired)
-                rec = normalize([rows[0], row] if unpaired_file and i else [row], where)[-1]
-            except DataError as err:
-                detail = re.sub(r"^.*?: row \d+: ", "", str(err))
-                self._flag(i, _structural_reason(detail), detail)  # raises, or drops (never "keep": NO_KEEP)
-                continue
-            rec_kind = "chosen" in rec
-            kind = rec_kind if kind is None else kind
-            if rec_kind != kind and self._flag(i, "mixed_formats", "paired and unpaired rows in one file "
-                                               f"(this row is {'paired' if rec_kind else 'unpaired'})"):
-                continue
-            if self._record_reasons(i, rec, specials, seen):
-                continue
-            if tokenizer is not None and truncation is not None and self._token_reasons(i, rec, tokenizer, truncation):
-                continue
-            kept.append((i, rec))
-        self.report["sources"][where] = {
-            "rows": len(rows), "kept": len(kept), "dropped": len(rows) - len(kept),
+    def finish(self, where: str, rows: int) -> dict[str, Any]:
+        """The source's report (also in ``report["sources"][where]``); raises when no row is left."""
+        kept = rows - self._dropped
+        rep = self.report["sources"][where] = {
+            "rows": rows, "kept": kept, "dropped": self._dropped,
             "by_reason": {r: {"count": c, "policy": self.policies[r], "rows": self._examples[r]}
                           for r, c in sorted(self._counts.items())}}
+        self._seen = set()
         if not kept:
             raise DataError(f"{where}: every row was dropped by validation ({dict(self._counts)}); see "
                             "data_report.json, fix the data or change data.validation.<reason>")
-        self._kept = [i for i, _ in kept]
-        return [rec for _, rec in kept]
+        return rep
 
     def _flag(self, row: int, reason: str, detail: str) -> bool:
         """Count ``reason`` for ``row``; True when the row is dropped, raises under ``error``."""
@@ -155,71 +160,10 @@ class DataValidator:
             raise DataError(f"{self._where}: row {row}: {detail} [{reason}; set data.validation.{reason}=drop "
                             "to drop such rows instead]")
         self._counts[reason] += 1
-        self._examples.setdefault(reason, [])
-        if len(self._examples[reason]) < EXAMPLES:
-            self._examples[reason].append(row)
+        examples = self._examples.setdefault(reason, [])
+        if len(examples) < EXAMPLES:
+            examples.append(row)
         return policy == "drop"
-
-    # ---------------------------------------------------------------- text-level reasons
-    @staticmethod
-    def _specials(tokenizer) -> list[str]:
-        if tokenizer is None:
-            return []
-        return sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len, reverse=True)
-
-    def _record_reasons(self, i: int, rec: dict, specials: list[str], seen: set) -> bool:
-        comps = ["chosen", "rejected"] if "chosen" in rec else ["completion"]
-        for field in ["prompt", *comps]:
-            value = rec[field]
-            empty = (not value) if isinstance(value, list) else not value.strip()
-            if field != "prompt" and isinstance(value, list):
-                empty = empty or not any(m["content"].strip() for m in value)
-            if empty and self._flag(i, "empty_field", f"field {field!r} is empty"):
-                return True
-        if "chosen" in rec:
-            if rec["chosen"] == rec["rejected"] and self._flag(i, "identical_completions",
-                                                               "fields 'chosen' and 'rejected' are identical"):
-                return True
-            key = repr((rec["prompt"], rec["chosen"], rec["rejected"]))
-            if key in seen and self._flag(i, "duplicate_pair", "the same prompt, chosen and rejected as an "
-                                                               "earlier row"):
-                return True
-            seen.add(key)
-        for field in ["prompt", *comps]:
-            for text in _texts(rec[field]):
-                body = text
-                if field != "prompt" and isinstance(rec[field], str) and self._eos and text.endswith(self._eos):
-                    body = text[: -len(self._eos)]  # the EOS tokenize.py appends anyway
-                hit = next((t for t in specials if t in body), None)
-                if hit and self._flag(i, "special_tokens", f"field {field!r} contains the special token {hit!r}"):
-                    return True
-        return False
-
-    # ---------------------------------------------------------------- token-level reasons
-    def _token_reasons(self, i: int, rec: dict, tokenizer, truncation) -> bool:
-        from dpo_lightning.data.tokenize import _ids, tokenize_completions, truncate
-
-        comps = [rec["chosen"], rec["rejected"]] if "chosen" in rec else [rec["completion"]]
-        if any(isinstance(v, list) for v in [rec["prompt"], *comps]) and not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{self._where}: row {i}: field 'prompt': conversational rows (lists of messages) need "
-                            "a tokenizer with a chat template, and this tokenizer has none; give text fields or "
-                            "a model whose tokenizer has one")
-        prompt_ids, comp_ids = tokenize_completions(tokenizer, rec["prompt"], comps)
-        full_prompt = _ids(tokenizer, rec["prompt"], generation_prompt=isinstance(rec["prompt"], list))
-        if len(prompt_ids) < len(full_prompt) and self._flag(
-                i, "prompt_boundary_mismatch", f"tokens of prompt + completion diverge from the prompt's own "
-                f"at token {len(prompt_ids)} of {len(full_prompt)}"):
-            return True
-        p, cs = truncate(prompt_ids, comp_ids, truncation)
-        if p is None and cs == "prompt_fills_max_length":
-            return self._flag(i, cs, f"field 'prompt': {len(prompt_ids)} tokens leave no room for a completion "
-                                     f"within data.max_length={truncation.max_length}")
-        if p is None:
-            return self._flag(i, "empty_after_truncation", f"truncation leaves no tokens ({cs})")
-        cut = [f for f, before, after in zip(["chosen", "rejected"] if len(comps) == 2 else ["completion"], comp_ids,
-                                             cs) if len(after) < len(before)]
-        return bool(cut) and self._flag(i, "completion_truncated", f"field {cut[0]!r} is cut to fit "
-                                                                     f"data.max_length={truncation.max_length}")
 
     # ---------------------------------------------------------------- the report
     def summary(self) -> str:
