@@ -142,7 +142,7 @@ def main() -> None:
     cache = work / "cache"
     results: dict[str, dict] = {}
     for name in runs:
-        if name == "ours_warm" and not any(cache.glob("*.json")):  # warm it the way a first run does
+        if name == "ours_warm" and not any(cache.glob("*/meta.json")):  # warm it the way a first run does
             run_peak(dpo_train_command(args, model_dir, work / "run-warmup", cache), work / "warmup.log")
         if name == "ours_cold":
             shutil.rmtree(cache, ignore_errors=True)  # a first run: nothing cached (it fills the cache)
@@ -162,7 +162,7 @@ def main() -> None:
               f"({results[name]['seconds']:.0f} s)", file=sys.stderr)
     account = None
     if args.account:
-        if not any(cache.glob("*.json")):  # the tokenization cache (data.cache_dir)
+        if not any(cache.glob("*/meta.json")):  # the tokenization cache (data.cache_dir)
             run_peak(dpo_train_command(args, model_dir, work / "run-warmup", cache), work / "warmup.log")
         cmd = [sys.executable, str(SCRIPTS / "memory_account.py")] + dpo_train_overrides(
             args, model_dir, work / "run-account", cache)
