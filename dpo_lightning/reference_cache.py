@@ -89,6 +89,8 @@ def weights_fingerprint(model: torch.nn.Module, *, source: str | None = None,
 def _files_fingerprint(folder: Path) -> str:
     """Content ids of a model folder's weight files and config: a Hugging Face cache stores weights as
     content-addressed blobs (the symlink target's name is the file's sha256); other files are hashed."""
+    from dpo_lightning.data.cache_keys import hash_file
+
     h = hashlib.sha256()
     for f in sorted(folder.iterdir()):
         if f.suffix not in (".safetensors", ".bin", ".json") or not f.is_file():
@@ -98,9 +100,7 @@ def _files_fingerprint(folder: Path) -> str:
             h.update(f"{f.name}|{target.name}".encode())
             continue
         h.update(f.name.encode())
-        with open(target, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
+        hash_file(h, target)
     return h.hexdigest()
 
 

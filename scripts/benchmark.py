@@ -16,7 +16,7 @@ What runs (every configuration in a fresh subprocess, so its peak RSS is its own
     ours_precompute  the same with ``reference.precompute=true`` (reference log-probs computed once before
                      training into a fresh cache; that one-time pass is reported as ``precompute_seconds``)
     all_off          plain layout (TRL's), ``engine.full_logits=true`` (the model's own LM head over every
-                     position, full log-softmax), no kept softmax, live reference
+                     position, full log-softmax), no kept softmax, no selective recomputation, live reference
     trl, trl_precompute   scripts/benchmark_trl.py under ``--trl-python`` (TRL is not our dependency)
 
 Same work for every contender (``bench_lib.py``): one seeded subset of ``batch_size * (warmup + steps)`` pairs
@@ -193,7 +193,8 @@ def warm_tokenization(model_dir: Path, rows_jsonl: Path, max_length: int, folder
 RUNS = {
     "ours": [],
     "ours_precompute": ["reference.precompute=true"],
-    "all_off": ["data.layout=plain", "engine.full_logits=true", "engine.softmax_cache_mb=0"],
+    "all_off": ["data.layout=plain", "engine.full_logits=true", "engine.softmax_cache_mb=0",
+                "engine.recompute_pointwise=false"],
 }
 
 

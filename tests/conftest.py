@@ -46,3 +46,14 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "gpt2-tokenizer" / "tokenizer.json").exists():
         pytest.skip("../shared/data is not present on this machine")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models run faster so, and no oversubscription beside other jobs)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,13 +13,7 @@ from dpo_lightning.data.collate import LAYOUTS, PreferenceCollator
 from dpo_lightning.logprobs import sequence_logps
 from dpo_lightning.models.quirks import EnginePlan, HeadRule, engine_plan
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same(got, ref, msg):

@@ -15,9 +15,9 @@ import pytest
 
 from dpo_lightning import PreferenceDataModule
 from dpo_lightning.data import cache
-from dpo_lightning.data.formats import DataError, load_records, normalize
+from dpo_lightning.data.formats import DataError
 from dpo_lightning.data.store import TokenRows
-from dpo_lightning.data.tokenize import TruncationConfig, tokenize_completions, tokenize_records
+from dpo_lightning.data.tokenize import TruncationConfig, tokenize_records
 from dpo_lightning.data.units import make_units, unit_positions
 
 
@@ -99,16 +99,3 @@ def test_views_equal_their_lists(tokenizer, tmp_path, layout):
     assert [[train[p] for p in u] for u in units] == make_units(train, from_pairs=True, kl_pairs=True)
     batch = next(iter(dm.train_dataloader()))
     assert batch["num_sequences"] >= 4
-
-
-def test_batched_tokenization_equals_one_text_at_a_time(shared_data):
-    from dpo_lightning.models.hf import ModelSpec, load_tokenizer
-
-    tok = load_tokenizer(ModelSpec(str(shared_data / "gpt2-tokenizer")))
-    path = shared_data / "hh-rlhf-harmless-base-test.jsonl.gz"
-    records = normalize(load_records(path), str(path))[:150]
-    rows, _ = tokenize_records(records, tok, TruncationConfig(max_length=None))
-    for r in rows:
-        rec = records[r["index"]]
-        assert tokenize_completions(tok, rec["prompt"], [rec["chosen"], rec["rejected"]]) == (
-            r["prompt_ids"], [r["chosen_ids"], r["rejected_ids"]])

@@ -58,10 +58,15 @@ def source_fingerprint(source: str | Path) -> str | None:
     h = hashlib.sha256()
     for f in files:
         h.update(f"{f.relative_to(path) if f != path else ''}|{f.stat().st_size}|".encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
+        hash_file(h, f)
     return h.hexdigest()
+
+
+def hash_file(h, path: Path) -> None:
+    """Feed a file's bytes to the hash ``h`` in 16 MiB blocks."""
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
 
 
 def records_fingerprint(records: list[dict[str, Any]]) -> str:
