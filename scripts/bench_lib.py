@@ -13,8 +13,13 @@ compare runs whose timed pairs differ (``check_same_batches``).
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Llama shapes (vocabulary: the GPT-2 tokenizer's 50,257). ``small``: the CPU benchmark model of
 # docs/performance.md; ``smollm2``: SmolLM2-135M's shape (tied embeddings); ``gpu05b``: ~0.4B for CUDA bf16;
@@ -30,6 +35,30 @@ SHAPES = {
                  num_key_value_heads=2, tie_word_embeddings=False),
 }
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
+
+
+# ------------------------------------------------------------------ the data
+def shared_data() -> Path | None:
+    """The HH-RLHF pairs + GPT-2 tokenizer: ``$DPO_BENCH_DATA``, ../shared/data or ./shared/data."""
+    for c in (os.environ.get("DPO_BENCH_DATA"), REPO.parent / "shared" / "data", REPO / "shared" / "data"):
+        if c and (Path(c) / "gpt2-tokenizer" / "tokenizer.json").exists():
+            return Path(c)
+    return None
+
+
+def data_source(kind: str) -> tuple[str, Path]:
+    """(records file, tokenizer folder) of ``--data``: ``hh-rlhf`` (shared data) or ``builtin`` (the embedded
+    short pairs and the built-in word-level tokenizer: the plumbing and the model shape where no data is)."""
+    if kind == "builtin":
+        from importlib import resources
+
+        from dpo_lightning.models.tiny import materialize
+
+        return str(resources.files("dpo_lightning.assets").joinpath("default_prefs.jsonl")), materialize()
+    shared = shared_data()
+    if shared is None:
+        sys.exit("--data hh-rlhf needs ../shared/data (or $DPO_BENCH_DATA); --data builtin runs without it")
+    return str(shared / "hh-rlhf-harmless-base-test.jsonl.gz"), shared / "gpt2-tokenizer"
 
 
 # ------------------------------------------------------------------ the one list of batches

@@ -85,40 +85,19 @@ from bench_lib import (  # noqa: E402
     StepProfiler,
     check_same_batches,
     cuda_bf16_peak,
+    data_source,
     format_table,
     matmul_peak_flops,
     model_shape,
     our_batch_sampler,
     ratios,
+    shared_data,
     summarize,
     timed_batches,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 50257  # GPT-2's: every shape's vocabulary, whichever tokenizer feeds it
-
-
-def shared_data() -> Path | None:
-    """The HH-RLHF pairs + GPT-2 tokenizer: ``$DPO_BENCH_DATA``, ../shared/data or ./shared/data."""
-    for c in (os.environ.get("DPO_BENCH_DATA"), REPO.parent / "shared" / "data", REPO / "shared" / "data"):
-        if c and (Path(c) / "gpt2-tokenizer" / "tokenizer.json").exists():
-            return Path(c)
-    return None
-
-
-def data_source(kind: str) -> tuple[str, Path]:
-    """(records file, tokenizer folder) of ``--data``: ``hh-rlhf`` (shared data) or ``builtin`` (the embedded
-    short pairs and the built-in word-level tokenizer: the plumbing and the model shape where no data is)."""
-    if kind == "builtin":
-        from importlib import resources
-
-        from dpo_lightning.models.tiny import materialize
-
-        return str(resources.files("dpo_lightning.assets").joinpath("default_prefs.jsonl")), materialize()
-    shared = shared_data()
-    if shared is None:
-        sys.exit("--data hh-rlhf needs ../shared/data (or $DPO_BENCH_DATA); --data builtin runs without it")
-    return str(shared / "hh-rlhf-harmless-base-test.jsonl.gz"), shared / "gpt2-tokenizer"
 
 
 # ------------------------------------------------------------------ preparation (driver)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from test_strategies import RUN_SHARDED  # build + fit + validate + export of a sharded run, test only
 
 TIMEOUT = 300
 
@@ -99,26 +100,6 @@ def test_ddp_sync_is_exact_on_every_rank_and_generation_is_gathered(tmp_path):
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "gen/kl" in header and "gen/kl_stderr" in header
 
-
-# build + fit + validate + export without validate_config (which refuses FSDP on a CPU): test only
-RUN_SHARDED = '''
-import json, sys
-import lightning as L
-from dpo_lightning.configs import compose
-from dpo_lightning.strategies import export_policy
-from dpo_lightning.train import build
-
-cfg = compose("train", sys.argv[1:])
-L.seed_everything(cfg.seed, workers=True)
-objs = build(cfg)
-module, dm, trainer = objs["module"], objs["datamodule"], objs["trainer"]
-dm.setup("fit")
-trainer.fit(module, datamodule=dm)
-val = trainer.validate(module, datamodule=dm, verbose=False)
-export_policy(trainer, module, dm.tokenizer, f"{cfg.paths.output_dir}/export")
-if trainer.is_global_zero:
-    print("RESULT " + json.dumps({"val": val[0]["val/loss"], "version": module.reference_version}))
-'''
 
 
 def _sharded(script, out, *overrides):

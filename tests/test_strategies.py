@@ -299,7 +299,8 @@ val = trainer.validate(module, datamodule=dm, verbose=False)
 out = export_policy(trainer, module, dm.tokenizer, f"{cfg.paths.output_dir}/export")
 if trainer.is_global_zero:
     print("RESULT " + json.dumps({"steps": trainer.global_step, "val": val[0]["val/loss"],
-                                  "full_logits": module.full_logits, "strategy": type(trainer.strategy).__name__}))
+                                  "full_logits": module.full_logits, "strategy": type(trainer.strategy).__name__,
+                                  "version": module.reference_version}))
 '''
 SHARDED_COMMON = [
     "logger=csv", "print_config=false", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
