@@ -25,14 +25,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dpo_lightning.callbacks.generation import generation_callback, write_generations
-from dpo_lightning.configs import config_dir
+from dpo_lightning.cli.eval_setup import eval_rows, prepare_eval
+from dpo_lightning.cli.locate import config_dir
+from dpo_lightning.cli.runtime import print_config_tree
+from dpo_lightning.config.validate import validate_config
 from dpo_lightning.data.formats import DataError
-from dpo_lightning.eval_setup import eval_rows, prepare_eval
-from dpo_lightning.io import atomic_write_json
-from dpo_lightning.module import PreferenceLitModule
-from dpo_lightning.runtime import print_config_tree
-from dpo_lightning.strategies import build_strategy
-from dpo_lightning.validation import validate_config
+from dpo_lightning.files.atomic import atomic_write_json
+from dpo_lightning.training.module import PreferenceLitModule
+from dpo_lightning.training.strategies import build_strategy
 
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 

@@ -23,14 +23,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dpo_lightning.callbacks.preemption import PreemptionCheckpoint, resolve_ckpt_path
-from dpo_lightning.configs import config_dir
+from dpo_lightning.cli.locate import config_dir
+from dpo_lightning.cli.runtime import flatten, prepare_wandb, print_config_tree, save_config, wandb_sync_hint
+from dpo_lightning.config.validate import ConfigError, validate_config
 from dpo_lightning.data.formats import DataError
-from dpo_lightning.io import AtomicCheckpointIO
-from dpo_lightning.memory import release_free_memory
-from dpo_lightning.module import PreferenceLitModule
-from dpo_lightning.nonfinite import NonFiniteError
-from dpo_lightning.runtime import flatten, prepare_wandb, print_config_tree, save_config, wandb_sync_hint
-from dpo_lightning.strategies import build_strategy, export_policy
+from dpo_lightning.export import export_policy
+from dpo_lightning.files.atomic import AtomicCheckpointIO
 from dpo_lightning.sweeps.hydra_callback import register_plugins, sweep_failures, sweep_job_info
 from dpo_lightning.sweeps.job import (
     JobInfo,
@@ -39,7 +37,10 @@ from dpo_lightning.sweeps.job import (
     run_job,
     write_final_summary,
 )
-from dpo_lightning.validation import ConfigError, validate_config
+from dpo_lightning.training.memory import release_free_memory
+from dpo_lightning.training.module import PreferenceLitModule
+from dpo_lightning.training.nonfinite import NonFiniteError
+from dpo_lightning.training.strategies import build_strategy
 
 log = logging.getLogger("dpo_lightning")
 # The frozen reference is in eval mode on purpose; Lightning warns about any such module.

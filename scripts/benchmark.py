@@ -182,7 +182,7 @@ def worker(args) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from dpo_lightning.configs import compose
+    from dpo_lightning.cli.locate import compose
     from dpo_lightning.train import build
 
     cuda = args.device == "cuda"

@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 
 
 def old_engine(rev: str):
-    """``dpo_lightning/logprobs.py`` as of ``rev``, imported as a separate module (it needs only torch)."""
-    src = subprocess.run(["git", "show", f"{rev}:dpo_lightning/logprobs.py"], cwd=REPO, check=True,
+    """``dpo_lightning/engine/logprobs.py`` as of ``rev``, imported as a separate module (it needs only torch)."""
+    src = subprocess.run(["git", "show", f"{rev}:dpo_lightning/engine/logprobs.py"], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp(prefix="engine-ab-")) / "old_logprobs.py"
     path.write_text(src)
@@ -74,8 +74,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpo_lightning import logprobs as new
-    from dpo_lightning.engine_check import verify
+    from dpo_lightning.engine import logprobs as new
+    from dpo_lightning.engine.probe import verify
 
     cfg = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                       num_key_value_heads=8, vocab_size=50257, max_position_embeddings=1024, tie_word_embeddings=False,

@@ -62,8 +62,8 @@ def instrument(steps_detail: int = 3) -> None:
     import lightning as L
     import torch
 
-    import dpo_lightning.module as module_mod
     import dpo_lightning.train as T
+    import dpo_lightning.training.module as module_mod
     from dpo_lightning.data import datamodule as dm_mod
 
     load, build_ref, build, export = module_mod.load_causal_lm, module_mod.build_reference, T.build, T.export_policy

@@ -1,4 +1,4 @@
-"""A/B of ``engine.recompute_pointwise`` (selective recomputation, ``dpo_lightning/recompute.py``): the same
+"""A/B of ``engine.recompute_pointwise`` (selective recomputation, ``dpo_lightning/engine/recompute.py``): the same
 policy with the option on and off, in one process, on the same batches, interleaved (ABBA), so a contended
 machine slows both alike. Prints one JSON: median step time of each, their ratio, the median of per-batch
 ratios, and (in a second process) the activation memory each keeps after the forward on the widest batch.
@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_lib import SHAPES  # noqa: E402
 from engine_ab import batches  # noqa: E402
 
-from dpo_lightning.logprobs import sequence_logps  # noqa: E402
-from dpo_lightning.recompute import disable_selective_recompute, enable_selective_recompute  # noqa: E402
+from dpo_lightning.engine.logprobs import sequence_logps  # noqa: E402
+from dpo_lightning.engine.recompute import disable_selective_recompute, enable_selective_recompute  # noqa: E402
 
 
 def step(policy, reference, batch) -> float:

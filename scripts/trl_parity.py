@@ -50,9 +50,9 @@ _ensure_paths()
 
 import torch  # noqa: E402
 
-from dpo_lightning.logprobs import SeqLogps  # noqa: E402
+from dpo_lightning.engine.logprobs import SeqLogps  # noqa: E402
 from dpo_lightning.losses import get_loss  # noqa: E402
-from dpo_lightning.module import PreferenceLitModule  # noqa: E402
+from dpo_lightning.training.module import PreferenceLitModule  # noqa: E402
 
 TOL_LOGPS, TOL_MODEL = 1e-5, 1e-4
 NOT_IN_TRL = {"bco": "TRL 1.16 has no BCOTrainer"}

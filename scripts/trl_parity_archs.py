@@ -59,7 +59,7 @@ def save_pair(name: str, work: Path) -> tuple[str, str]:
 def ours(pol: str, ref: str, data: str, work: Path) -> dict[str, float]:
     from hydra import compose, initialize_config_dir
 
-    from dpo_lightning.configs import config_dir
+    from dpo_lightning.cli.locate import config_dir
     from dpo_lightning.evaluate import evaluate
 
     overrides = ["model=hf", f"model.name_or_path={pol}", "model.dtype=float32", "model.attn_implementation=null",

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from trl_parity import REPO, _metric_diffs, case  # noqa: E402  (importing it also sets up sys.path)
 
 from dpo_lightning.losses import get_loss  # noqa: E402
-from dpo_lightning.module import PreferenceLitModule  # noqa: E402
+from dpo_lightning.training.module import PreferenceLitModule  # noqa: E402
 
 MODEL_CASES = [
     case("sigmoid", {"beta": 0.1}, {"kind": "dpo", "loss_type": ["sigmoid"], "beta": 0.1}),

@@ -9,8 +9,9 @@ import torch
 from arch_families import FAMILIES, build
 from test_logprobs import V, make_rows, run
 
-from dpo_lightning.data.collate import LAYOUTS, PreferenceCollator
-from dpo_lightning.logprobs import sequence_logps
+from dpo_lightning.data.collate import PreferenceCollator
+from dpo_lightning.data.layouts import LAYOUTS
+from dpo_lightning.engine.logprobs import sequence_logps
 from dpo_lightning.models.quirks import EnginePlan, HeadRule, engine_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")

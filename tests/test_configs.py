@@ -9,7 +9,7 @@ import re
 import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dpo_lightning.configs import compose, config_dir
+from dpo_lightning.cli.locate import compose, config_dir
 
 CONF = config_dir()
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from dpo_lightning.configs import compose
-from dpo_lightning.validation import ConfigError, validate_config
+from dpo_lightning.cli.locate import compose
+from dpo_lightning.config.validate import ConfigError, validate_config
 
 
 def _cfg(tmp_path, *overrides: str, name: str = "train"):

@@ -70,7 +70,7 @@ def test_kto_trains_under_ddp_on_two_cpu_processes(tmp_path):
 
 def test_unpaired_losses_on_unpaired_rows_train_with_the_default_callbacks(tmp_path, default_data_path):
     """Natively unpaired rows have no pairs, so no reward accuracy: checkpoints follow val/loss instead."""
-    from dpo_lightning.configs import compose
+    from dpo_lightning.cli.locate import compose
     from dpo_lightning.train import train
 
     rows = [json.loads(line) for line in open(default_data_path)][:40]

@@ -10,9 +10,9 @@ import lightning as L
 import pytest
 import torch
 
-from dpo_lightning.configs import compose
+from dpo_lightning.cli.locate import compose
+from dpo_lightning.config.validate import ConfigError
 from dpo_lightning.evaluate import evaluate
-from dpo_lightning.validation import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_eval_scores_the_saved_adapter_not_fresh_ones(tmp_path, tiny_path, adapt
 def export(tmp_path_factory, tiny_path):
     """A dpo-train export of a policy moved away from its reference (the tiny model at ``tiny_path``)."""
     from dpo_lightning import PreferenceLitModule
-    from dpo_lightning.strategies import export_policy
+    from dpo_lightning.export import export_policy
 
     torch.manual_seed(0)
     module = PreferenceLitModule(str(tiny_path))

@@ -43,7 +43,7 @@ def test_resume_from_a_deepspeed_client_state(module):
 def test_reference_cache_is_safetensors_and_a_planted_pickle_never_runs(tmp_path):
     from safetensors.torch import load_file
 
-    from dpo_lightning import reference_cache as rc
+    from dpo_lightning.reference.spec import cache as rc
 
     values = {"ref_chosen_logps": torch.tensor([-1.0, -2.0]), "ref_rejected_logps": torch.tensor([-3.0, -4.0])}
     path = tmp_path / "reference" / "key.safetensors"
@@ -58,7 +58,7 @@ def test_reference_cache_is_safetensors_and_a_planted_pickle_never_runs(tmp_path
 
 def test_checkpoints_load_without_running_pickled_code(tmp_path, monkeypatch):
     """Even where torch.load would default to full unpickling (old torch, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)."""
-    from dpo_lightning.io import AtomicCheckpointIO
+    from dpo_lightning.files.atomic import AtomicCheckpointIO
 
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     io = AtomicCheckpointIO()
@@ -76,7 +76,7 @@ def test_export_renames_the_old_export_aside_until_the_new_one_is_in(tmp_path, m
     """A failure while the new export moves in leaves the old export whole (it used to be deleted first)."""
     from transformers import AutoModelForCausalLM
 
-    from dpo_lightning import io
+    from dpo_lightning import export as io
 
     model = AutoModelForCausalLM.from_pretrained(tiny_path)
     out = io.export_pretrained(model, None, tmp_path / "export")
@@ -103,7 +103,7 @@ inside the second save of last.ckpt (4th save), after its shard files are writte
 import os, shutil, signal, sys
 import lightning as L
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
-from dpo_lightning.configs import compose
+from dpo_lightning.cli.locate import compose
 from dpo_lightning.train import build
 
 calls = []

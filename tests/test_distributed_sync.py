@@ -23,7 +23,7 @@ SYNC_CHECK = '''
 import hashlib, json, os
 import lightning as L
 import torch
-from dpo_lightning.logprobs import sequence_logps
+from dpo_lightning.engine.logprobs import sequence_logps
 from dpo_lightning.models.hf import load_causal_lm
 
 class SyncCheck(L.Callback):

@@ -11,8 +11,8 @@ from arch_families import build
 from test_logprobs import V, make_rows, run
 
 from dpo_lightning.data.collate import PreferenceCollator
-from dpo_lightning.engine_check import EngineCheckError, check, summary, verify
-from dpo_lightning.logprobs import sequence_logps
+from dpo_lightning.engine.logprobs import sequence_logps
+from dpo_lightning.engine.probe import EngineCheckError, check, summary, verify
 from dpo_lightning.models.quirks import EnginePlan, HeadRule, engine_plan, head_rule
 from dpo_lightning.models.tiny import build_model
 

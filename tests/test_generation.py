@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dpo_lightning import GenerationSettings, PreferenceLitModule
-from dpo_lightning.generation import (
+from dpo_lightning.evaluation.generation import (
     generate_and_score,
     held_out_prompts,
     sample_completions,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dpo_lightning.judges import CallableJudge, RewardModelJudge, build_judge
+from dpo_lightning.evaluation.judges import CallableJudge, RewardModelJudge, build_judge
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_missing_reward_model_fails_clearly(tmp_path):
 
 def test_reward_model_judge_in_generation_gives_win_rate_and_reward(tiny_path, tokenizer, reward_model):
     from dpo_lightning import GenerationSettings, PreferenceLitModule
-    from dpo_lightning.generation import generate_and_score, summarize
+    from dpo_lightning.evaluation.generation import generate_and_score, summarize
 
     torch.set_num_threads(1)
     module = PreferenceLitModule(str(tiny_path))
@@ -92,7 +92,7 @@ def test_dpo_eval_generates_on_an_export_with_a_reward_model_judge(tiny_path, re
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpo_lightning.configs import compose
+    from dpo_lightning.cli.locate import compose
     from dpo_lightning.evaluate import evaluate
 
     torch.set_num_threads(1)
@@ -119,8 +119,8 @@ def test_dpo_eval_generates_on_an_export_with_a_reward_model_judge(tiny_path, re
 
 
 def test_a_judge_that_does_not_import_is_refused_before_training():
-    from dpo_lightning.configs import compose
-    from dpo_lightning.validation import ConfigError, validate_config
+    from dpo_lightning.cli.locate import compose
+    from dpo_lightning.config.validate import ConfigError, validate_config
 
     with pytest.raises(ConfigError, match="generation.judge='no_such_pkg:judge': cannot import it"):
         validate_config(compose("train", ["generation.judge=no_such_pkg:judge", "paths.output_dir=/tmp/x"]))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_logprobs import V, make_rows, run
 
-from dpo_lightning.data.collate import LAYOUTS, PreferenceCollator, UnpairedCollator
-from dpo_lightning.logprobs import score_index
+from dpo_lightning.data.collate import PreferenceCollator, UnpairedCollator
+from dpo_lightning.data.layouts import LAYOUTS, score_index
 from dpo_lightning.models.tiny import build_model
 
 
@@ -130,7 +130,7 @@ def test_gradient_checkpointing_is_exact(tiny_path):
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager():
-    from dpo_lightning.logprobs import compile_backbone
+    from dpo_lightning.engine.logprobs import compile_backbone
 
     model = build_model(V, seed=0, attn_implementation="sdpa").float()
     batch = PreferenceCollator(0, layout="prefix_shared")(make_rows())

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo_lightning.data.collate import PreferenceCollator
-from dpo_lightning.logprobs import chunked_logprobs, sequence_logps
+from dpo_lightning.engine.logprobs import chunked_logprobs, sequence_logps
 from dpo_lightning.models.tiny import build_model
 
 V = 97

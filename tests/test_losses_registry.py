@@ -55,7 +55,7 @@ def test_sweep_over_losses_composes():
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.utils import instantiate
 
-    from dpo_lightning.configs import compose
+    from dpo_lightning.cli.locate import compose
 
     overrides = OverridesParser.create().parse_overrides(["loss=sigmoid,ipo,kto,simpo,mpo", "loss.beta=0.2"])
     jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-import dpo_lightning.module as module_mod
+import dpo_lightning.training.module as module_mod
 from dpo_lightning import ModelSpec, PreferenceDataModule, PreferenceLitModule, get_loss
 from dpo_lightning.losses import LOSSES
 

@@ -63,7 +63,7 @@ def test_one_process_tokenization_writes_what_the_parallel_one_writes(default_da
 
 def test_the_tokenizer_is_released_after_setup_and_reloaded_on_demand(default_data_path, tiny_path, tmp_path):
     from dpo_lightning.data.datamodule import PreferenceDataModule
-    from dpo_lightning.memory import release_free_memory
+    from dpo_lightning.training.memory import release_free_memory
 
     dm = PreferenceDataModule(default_data_path, str(tiny_path), cache_dir=str(tmp_path), max_length=64, batch_size=4)
     dm.release_tokenizer()  # before setup: nothing to release yet
@@ -83,7 +83,7 @@ def test_the_tokenizer_is_released_after_setup_and_reloaded_on_demand(default_da
 
 def test_checkpoints_stream_to_disk_atomically(tmp_path):
     """No in-memory copy of the checkpoint (Lightning's TorchCheckpointIO buffers all of it first)."""
-    from dpo_lightning.io import AtomicCheckpointIO
+    from dpo_lightning.files.atomic import AtomicCheckpointIO
 
     weights = torch.randn(4 * 2**20)  # 16 MiB
     ckpt = {"state_dict": {"w": weights}, "optimizer_states": [{"exp_avg": weights * 2}], "global_step": 3}
@@ -108,7 +108,7 @@ def test_checkpoints_stream_to_disk_atomically(tmp_path):
 
 
 def test_adamw_is_fused_by_default_and_matches_the_unfused_update():
-    from dpo_lightning.optim import OptimizerSpec
+    from dpo_lightning.training.optim import OptimizerSpec
 
     torch.manual_seed(0)
     init = [torch.randn(64, 32), torch.randn(32)]

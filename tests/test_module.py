@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dpo_lightning import ModelSpec, PreferenceDataModule, PreferenceLitModule, get_loss
 from dpo_lightning.data.collate import PreferenceCollator
-from dpo_lightning.logprobs import sequence_logps
+from dpo_lightning.engine.logprobs import sequence_logps
 from dpo_lightning.losses.registry import LossInputs
 
 ROWS = [

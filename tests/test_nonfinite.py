@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dpo_lightning import PreferenceDataModule, PreferenceLitModule, get_loss
-from dpo_lightning.nonfinite import NonFiniteError, NonFiniteGuard
+from dpo_lightning.training.nonfinite import NonFiniteError, NonFiniteGuard
 
 # Imported by training processes (PYTHONPATH): poisons the policy's forward on chosen (rank, micro-batch) pairs and
 # records, per micro-batch, the step, the skip count and a checksum of the policy weights.

@@ -23,7 +23,7 @@ def test_wheel_carries_configs_and_runs_from_site_packages(tmp_path):
         assert f in names, f
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("from dpo_lightning.configs import config_dir, compose; d = config_dir(); "
+    code = ("from dpo_lightning.cli.locate import config_dir, compose; d = config_dir(); "
             "assert 'site' in str(d), d; cfg = compose('train', ['paths.output_dir=/tmp/x']); "
             "from dpo_lightning.data.formats import load_records; "
             "print(cfg.loss.name, len(load_records('builtin:default_prefs')))")

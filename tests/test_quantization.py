@@ -14,7 +14,7 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 
 from dpo_lightning import ModelSpec, PreferenceDataModule, PreferenceLitModule  # noqa: E402
-from dpo_lightning.logprobs import sequence_logps  # noqa: E402
+from dpo_lightning.engine.logprobs import sequence_logps  # noqa: E402
 from dpo_lightning.models.hf import load_causal_lm  # noqa: E402
 from dpo_lightning.models.quantization import bnb_config, bnb_kwargs, is_quantized  # noqa: E402
 
@@ -113,7 +113,7 @@ def _fake_trainer():
 def test_qlora_export_adapter_or_merged(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dpo_lightning.strategies import export_policy
+    from dpo_lightning.export import export_policy
 
     module = PreferenceLitModule(_spec(4), loss="sigmoid", peft=LORA)
     with torch.no_grad():  # make the adapters non-trivial
@@ -141,7 +141,7 @@ def test_qlora_export_adapter_or_merged(tmp_path):
 
 def test_qlora_through_the_cli_config(tmp_path):
     """The composed config (quantization=bnb_4bit peft=lora) trains 2 steps and exports the adapter."""
-    from dpo_lightning.configs import compose
+    from dpo_lightning.cli.locate import compose
     from dpo_lightning.train import train
 
     cfg = compose("train", [f"paths.output_dir={tmp_path}", "logger=csv", "callbacks=none", "print_config=false",

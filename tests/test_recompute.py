@@ -9,7 +9,7 @@ from arch_families import FAMILIES, build
 from test_logprobs import V, make_rows, run
 
 from dpo_lightning.data.collate import PreferenceCollator
-from dpo_lightning.recompute import (
+from dpo_lightning.engine.recompute import (
     decoder_layers,
     disable_selective_recompute,
     enable_selective_recompute,
@@ -40,7 +40,7 @@ def test_same_numbers_on_every_family(family):
 def test_same_numbers_with_lora(dropout):
     """LoRA adapters recompute exactly; with adapter dropout on CPU (``bernoulli_`` into a fresh tensor, an
     in-place write the policy cannot keep) the layers step aside and the numbers are still the same."""
-    from dpo_lightning.logprobs import sequence_logps
+    from dpo_lightning.engine.logprobs import sequence_logps
     from dpo_lightning.models.peft import apply_peft
 
     model = apply_peft(build("llama", V), {"method": "lora", "r": 4, "alpha": 8, "dropout": dropout,
@@ -67,7 +67,7 @@ def test_same_numbers_with_lora(dropout):
 MEMORY_SCRIPT = """
 import ctypes, gc, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from dpo_lightning.recompute import enable_selective_recompute
+from dpo_lightning.engine.recompute import enable_selective_recompute
 ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD: big blocks are returned on free, RSS = live
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -105,7 +105,7 @@ def test_no_grad_forward_untouched_and_idempotent():
     n = enable_selective_recompute(model)
     assert enable_selective_recompute(model) == n  # wrapping twice does not nest
     batch = PreferenceCollator(0, layout="prefix_shared")(make_rows())
-    from dpo_lightning.logprobs import sequence_logps
+    from dpo_lightning.engine.logprobs import sequence_logps
 
     with torch.no_grad():
         a = sequence_logps(model, batch, batch["num_sequences"]).logps

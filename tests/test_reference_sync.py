@@ -9,10 +9,10 @@ import torch
 
 from dpo_lightning import PreferenceLitModule
 from dpo_lightning.data.collate import PreferenceCollator
-from dpo_lightning.logprobs import sequence_logps
+from dpo_lightning.engine.logprobs import sequence_logps
 from dpo_lightning.models.hf import ModelSpec, load_causal_lm
 from dpo_lightning.models.peft import apply_peft
-from dpo_lightning.reference_sync import ReferenceSync, sync_reference
+from dpo_lightning.reference.sync import ReferenceSync, sync_reference
 
 LORA = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
 
@@ -83,8 +83,8 @@ def test_lora_sync_mixes_a_reference_adapter_not_the_base(tiny_path, batch):
 
 
 def test_invalid_sync_settings_are_refused(tiny_path):
-    from dpo_lightning.configs import compose
-    from dpo_lightning.validation import ConfigError, validate_config
+    from dpo_lightning.cli.locate import compose
+    from dpo_lightning.config.validate import ConfigError, validate_config
 
     with pytest.raises(ConfigError, match="reference.precompute=true"):
         validate_config(compose("train", ["reference.sync.every_n_steps=4", "reference.precompute=true",

@@ -16,9 +16,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dpo_lightning import validation
-from dpo_lightning.configs import compose, config_dir
-from dpo_lightning.strategies import (
+from dpo_lightning.cli.locate import compose, config_dir
+from dpo_lightning.config import validate as validation
+from dpo_lightning.config.validate import PRECISIONS, ConfigError, validate_config
+from dpo_lightning.training.strategies import (
     DeepSpeedStrategy,
     FSDPStrategy,
     ModelParallelStrategy,
@@ -26,7 +27,6 @@ from dpo_lightning.strategies import (
     decoder_layer_classes,
     strategy_kind,
 )
-from dpo_lightning.validation import PRECISIONS, ConfigError, validate_config
 
 STRATEGIES = sorted(p.stem for p in (config_dir() / "strategy").glob("*.yaml"))
 QUANTIZATIONS = sorted(p.stem for p in (config_dir() / "quantization").glob("*.yaml"))
@@ -283,8 +283,8 @@ RUN_SHARDED = '''
 """build + fit + export without validate_config (which refuses FSDP on CPU): test only."""
 import json, sys
 import lightning as L
-from dpo_lightning.configs import compose
-from dpo_lightning.strategies import export_policy
+from dpo_lightning.cli.locate import compose
+from dpo_lightning.export import export_policy
 from dpo_lightning.train import build
 
 cfg = compose("train", sys.argv[1:])

@@ -147,7 +147,7 @@ def _parallel_worker(tiny_path: str, cache_dir: str, barrier, results) -> None:
     from dpo_lightning.data.collate import PreferenceCollator
     from dpo_lightning.data.datamodule import tokenizer_fingerprint
     from dpo_lightning.models.hf import ModelSpec, load_causal_lm, load_tokenizer
-    from dpo_lightning.reference_cache import cached_reference_logps, weights_fingerprint
+    from dpo_lightning.reference.cache import cached_reference_logps, weights_fingerprint
     from tests.test_reference_cache import rows_of
 
     torch.set_num_threads(1)
@@ -222,7 +222,7 @@ def test_optuna_three_trials_on_the_embedded_default(tmp_path):
     (["reference.sync.every_n_steps=10"], False),  # TR-DPO: the reference moves
 ])
 def test_multirun_turns_reference_precompute_on_only_where_exact(overrides, exact):
-    from dpo_lightning.configs import compose
+    from dpo_lightning.cli.locate import compose
     from dpo_lightning.sweeps.job import apply_sweep_defaults
 
     cfg = compose("train", overrides)

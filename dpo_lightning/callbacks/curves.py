@@ -71,7 +71,7 @@ class TrainingCurves(L.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from dpo_lightning.io import atomic_write_text
+        from dpo_lightning.files.atomic import atomic_write_text
 
         folder.mkdir(parents=True, exist_ok=True)
         fig, axes = plt.subplots(1, len(self.panels), figsize=(4.2 * len(self.panels), 3.4))

@@ -26,7 +26,7 @@ from typing import Any
 
 import lightning as L
 
-from dpo_lightning.generation import (
+from dpo_lightning.evaluation.generation import (
     GenerationSettings,
     _as_settings,
     gather_records,
@@ -34,7 +34,7 @@ from dpo_lightning.generation import (
     held_out_prompts,
     summarize,
 )
-from dpo_lightning.judges import build_judge
+from dpo_lightning.evaluation.judges import build_judge
 
 log = logging.getLogger("dpo_lightning")
 COLUMNS = ["step", "prompt", "policy", "reference", "kl", "judge"]
@@ -140,7 +140,7 @@ class GenerationEvaluation(L.Callback):
         return metrics
 
     def _write(self, trainer, records: list[dict], step: int) -> Path:
-        from dpo_lightning.io import atomic_write_text
+        from dpo_lightning.files.atomic import atomic_write_text
 
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "generations")
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -168,7 +168,7 @@ def generation_callback(cfg, rows: list[dict], datamodule) -> GenerationEvaluati
 
 def write_generations(callback: GenerationEvaluation, beside: str | Path) -> Path:
     """Write the callback's last samples to ``generations.jsonl`` in the folder of ``beside``."""
-    from dpo_lightning.io import atomic_write_text
+    from dpo_lightning.files.atomic import atomic_write_text
 
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in callback.last_records)
     return atomic_write_text(Path(beside).parent / "generations.jsonl", lines)

@@ -22,9 +22,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpo_lightning.data.cache import tokenize_cached, tokenize_source, tokenizer_fingerprint
-from dpo_lightning.data.collate import PreferenceCollator, UnpairedCollator, check_layout
+from dpo_lightning.data.collate import PreferenceCollator, UnpairedCollator
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.data.from_module import adopt_loss_settings
+from dpo_lightning.data.layouts import PACKED_UNSHARED, PLAIN, PREFIX_SHARED, check_layout
 from dpo_lightning.data.sampler import LengthGroupedSampler, ResumableDataLoader
 from dpo_lightning.data.store import TokenRows
 from dpo_lightning.data.tokenize import TruncationConfig
@@ -66,7 +67,7 @@ class PreferenceDataModule(L.LightningDataModule):
                  paired: bool | None = None, kl_pairs: bool | None = None, num_proc: int | None = None,
                  num_workers: int = 0,
                  cache_dir: str | None = None, seed: int = 42, pad_to_multiple_of: int | None = None,
-                 layout: str = "prefix_shared", group_by_length: bool = True,
+                 layout: str = PREFIX_SHARED, group_by_length: bool = True,
                  validation: dict[str, str] | None = None, report_path: str | None = None):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -164,9 +165,9 @@ class PreferenceDataModule(L.LightningDataModule):
         if isinstance(rows, TokenRows):  # from the length arrays, without building rows
             p, a = rows.lengths("prompt"), rows.lengths("a")
             comps = [a, rows.lengths("b")] if rows.paired else [a] * (2 if self.kl_pairs else 1)
-            if self.layout == "plain":
+            if self.layout == PLAIN:
                 return (p + np.max(comps, axis=0)).tolist()
-            if self.layout == "packed_unshared":
+            if self.layout == PACKED_UNSHARED:
                 return sum(p + c for c in comps).tolist()
             return (p + sum(comps)).tolist()
 
@@ -174,9 +175,9 @@ class PreferenceDataModule(L.LightningDataModule):
             p = len(r["prompt_ids"])
             comps = ([r["chosen_ids"], r["rejected_ids"]] if "chosen_ids" in r else [r["completion_ids"]] * (
                 2 if self.kl_pairs else 1))
-            if self.layout == "plain":
+            if self.layout == PLAIN:
                 return p + max(len(c) for c in comps)
-            if self.layout == "packed_unshared":
+            if self.layout == PACKED_UNSHARED:
                 return sum(p + len(c) for c in comps)
             return p + sum(len(c) for c in comps)
         return [length(r) for r in rows]

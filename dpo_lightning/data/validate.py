@@ -174,6 +174,6 @@ class DataValidator:
         return "; ".join(parts)
 
     def write_report(self, path) -> None:
-        from dpo_lightning.io import atomic_write_json
+        from dpo_lightning.files.atomic import atomic_write_json
 
         atomic_write_json(path, self.report)

@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 
-TREE_LAYOUTS = ("prefix_shared", "packed", "packed_unshared")
+from dpo_lightning.data.layouts import PACKED_UNSHARED, PLAIN, TREE_LAYOUTS
+
 # layouts whose real tokens are those of the plain rows: the MoE router loss averages over every real token, so
 # with it a shared prompt (counted once in prefix_shared / packed) would change its value
-AUX_LAYOUTS = frozenset({"plain", "packed_unshared"})
+AUX_LAYOUTS = frozenset({PLAIN, PACKED_UNSHARED})
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,7 @@ def engine_plan(model: torch.nn.Module, router_aux_loss_coef: float | None = Non
     backbone = getattr(base, base.base_model_prefix)
     layouts, windows, dict_masks, layout_note = attention_plan(base, backbone)
     aux = aux_plan(base, router_aux_loss_coef)
-    plan = EnginePlan(head=head, layouts={"plain"} | layouts, windows=windows, dict_masks=dict_masks, aux=aux,
+    plan = EnginePlan(head=head, layouts={PLAIN} | layouts, windows=windows, dict_masks=dict_masks, aux=aux,
                       router_logits=hasattr(text_config(base), "output_router_logits"), head_note=head_note,
                       layout_note=layout_note)
     base._dpo_engine_plan = plan

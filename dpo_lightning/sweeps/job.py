@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dpo_lightning.io import atomic_write_json
+from dpo_lightning.files.atomic import atomic_write_json
 
 log = logging.getLogger("dpo_lightning")
 SUMMARY_FILE = "job_summary.json"
@@ -72,7 +72,7 @@ def precompute_is_exact(cfg: DictConfig) -> tuple[bool, str]:
     """
     from hydra.utils import instantiate
 
-    from dpo_lightning.strategies import strategy_kind
+    from dpo_lightning.training.strategies import strategy_kind
 
     loss = instantiate(cfg.loss, _convert_="all")
     if not loss.requires_reference:

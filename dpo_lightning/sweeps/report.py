@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dpo_lightning.io import atomic_write_text
+from dpo_lightning.files.atomic import atomic_write_text
 from dpo_lightning.sweeps.job import FINAL_METRICS, GEN_METRICS, SUMMARY_FILE
 
 OBJECTIVE = "val/rewards/accuracies"  # comparable across loss types (DESIGN.md)

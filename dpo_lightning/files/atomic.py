@@ -1,4 +1,4 @@
-"""Atomic file writes, atomic Lightning checkpoints (files and sharded folders) and the final export.
+"""Atomic file writes and atomic Lightning checkpoints (files and sharded folders).
 
 Nothing is half-written: every file goes to a temporary name in the same folder and is renamed into
 place (``os.replace``), so a crash leaves either the old file or the new one.
@@ -106,34 +106,3 @@ class AtomicFolderSave:
         if self.is_global_zero:
             replace_folder(tmp, path)
         self.barrier("atomic_checkpoint_done")
-
-
-def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: bool = False,
-                      records: dict[str, Any] | None = None) -> Path:
-    """``save_pretrained`` the policy (+ tokenizer) into ``out_dir`` atomically (temp folder + rename).
-
-    A PEFT policy is saved as its adapter, or merged into the base weights when ``merge_adapters``.
-    ``records`` are small JSON files written beside the weights (``{"reference.json": {...}}``).
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        if merge_adapters and hasattr(model, "merge_and_unload"):
-            import copy
-
-            model = copy.deepcopy(model).merge_and_unload()
-        adapters = list(getattr(model, "peft_config", None) or [])
-        if len(adapters) > 1:  # TR-DPO's mixed "reference" adapter stays out of the export
-            model.save_pretrained(tmp, selected_adapters=[model.active_adapter])
-        else:
-            model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, data in (records or {}).items():
-            atomic_write_json(tmp / name, data)
-        replace_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir

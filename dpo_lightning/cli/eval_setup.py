@@ -15,9 +15,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dpo_lightning.config_checks import loss_from_config
-from dpo_lightning.export_record import REFERENCE_FILE, read_reference_record
-from dpo_lightning.validation import ConfigError
+from dpo_lightning.config.checks import loss_from_config
+from dpo_lightning.config.validate import ConfigError
+from dpo_lightning.reference.record import REFERENCE_FILE, read_reference_record
 
 SPLITS = ("all", "heldout")
 

@@ -55,9 +55,9 @@ def uses_cuda(cfg: DictConfig) -> bool:
 def validate_config(cfg: DictConfig, *, training: bool = True) -> None:
     """Raise ``ConfigError`` for a combination that cannot work. ``training=False`` (dpo-eval) skips the
     checks that only concern training (quantized weights without adapters, ...)."""
-    from dpo_lightning.config_checks import check_adapter, check_reference, check_values
+    from dpo_lightning.config.checks import check_adapter, check_reference, check_values
     from dpo_lightning.models.quantization import bnb_kwargs, quantization_bits
-    from dpo_lightning.strategies import SHARDED_KINDS, strategy_kind
+    from dpo_lightning.training.strategies import SHARDED_KINDS, strategy_kind
 
     check_values(cfg, ConfigError)  # every hyperparameter in its valid range
     check_reference(cfg, ConfigError)
@@ -159,8 +159,8 @@ def validate_config(cfg: DictConfig, *, training: bool = True) -> None:
 
 
 def _validate_sync_and_generation(cfg: DictConfig, kind: str) -> None:
-    from dpo_lightning.generation import GenerationSettings
-    from dpo_lightning.reference_sync import sync_settings
+    from dpo_lightning.evaluation.generation import GenerationSettings
+    from dpo_lightning.reference.sync import sync_settings
 
     try:
         sync = sync_settings(_get(cfg, "reference.sync"))
@@ -181,7 +181,7 @@ def _validate_sync_and_generation(cfg: DictConfig, kind: str) -> None:
         try:
             settings = GenerationSettings(**{k: v for k, v in generation.items() if k != "_target_"})
             if settings.num_prompts and settings.judge and ":" in str(settings.judge):
-                from dpo_lightning.judges import build_judge
+                from dpo_lightning.evaluation.judges import build_judge
 
                 build_judge(settings.judge)  # a callable judge must import now, not at the first validation
         except (TypeError, ValueError) as err:

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from dpo_lightning.attention import batch_layout
+from dpo_lightning.data.layouts import PACKED_UNSHARED, PLAIN, PREFIX_SHARED, TREE_LAYOUTS, batch_layout
 from dpo_lightning.models.quirks import (
     AUX_LAYOUTS,
-    TREE_LAYOUTS,
     EnginePlan,
     base_model,
     engine_plan,
@@ -39,7 +38,7 @@ class EngineCheckError(RuntimeError):
 
 def probe_batches(vocab_size: int, window: int | None, device: torch.device) -> dict[str, dict]:
     """The probe's two prompts with two completions each, in every layout (rows longer than a small window)."""
-    from dpo_lightning.data.collate import layout_batch
+    from dpo_lightning.data.layouts import layout_batch
 
     g = torch.Generator().manual_seed(1234)
     extra = window + 2 if window is not None and window <= 48 else 0
@@ -50,7 +49,7 @@ def probe_batches(vocab_size: int, window: int | None, device: torch.device) -> 
     prompts = [toks(5 + extra), toks(3)]
     completions = [[toks(4), toks(2 + extra)], [toks(3 + extra), toks(5)]]
     out = {}
-    for layout in ("plain", "prefix_shared", "packed_unshared"):
+    for layout in (PLAIN, PREFIX_SHARED, PACKED_UNSHARED):
         batch = layout_batch(layout, prompts, completions, pad_token_id=0)
         out[layout] = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     return out
@@ -61,7 +60,7 @@ def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def _token_logps(model, batch, **kw) -> torch.Tensor:
-    from dpo_lightning.logprobs import sequence_logps
+    from dpo_lightning.engine.logprobs import sequence_logps
 
     out = sequence_logps(model, batch, batch["num_sequences"], **kw)
     order = torch.argsort(out.seq * 10_000 + out.pos)
@@ -89,19 +88,19 @@ def check(model: torch.nn.Module, plan: EnginePlan | None = None, *, chunk_size:
     windows = [w for w in plan.windows.values() if w is not None]
     vocab = int(getattr(text_config(base), "vocab_size", 0) or base.get_output_embeddings().weight.size(0))
     batches = probe_batches(vocab, min(windows) if windows else None, param.device)
-    own_plan = EnginePlan(head=None, layouts={"plain"})
-    ref = _token_logps(model, batches["plain"], plan=own_plan, full_logits=True)
+    own_plan = EnginePlan(head=None, layouts={PLAIN})
+    ref = _token_logps(model, batches[PLAIN], plan=own_plan, full_logits=True)
     if not bool(torch.isfinite(ref).all()):
         raise EngineCheckError(f"{type(base).__name__}: the model's own forward gives non-finite log-probs on "
                                "the probe; the fast path cannot be checked (set engine.verify=false to skip)")
     changes: list[str] = []
     if plan.head is not None and not full_logits:
-        err = _differs(_token_logps(model, batches["plain"], plan=plan, chunk_size=chunk_size), ref, dtype)
+        err = _differs(_token_logps(model, batches[PLAIN], plan=plan, chunk_size=chunk_size), ref, dtype)
         if err is not None:
             changes.append(f"chunked LM head ({plan.head.describe()}) -> the model's own head "
                            f"(log-probs off by {err:.2g})")
             plan.head = None
-    for layout in ("prefix_shared", "packed_unshared"):
+    for layout in (PREFIX_SHARED, PACKED_UNSHARED):
         if layout not in plan.layouts:
             continue
         batch = batches[layout]
@@ -109,7 +108,7 @@ def check(model: torch.nn.Module, plan: EnginePlan | None = None, *, chunk_size:
         err = _differs(_token_logps(model, batch, plan=plan, chunk_size=chunk_size, full_logits=full_logits),
                        ref, dtype)
         if err is not None:
-            dropped = [x for x in TREE_LAYOUTS if x != "packed_unshared"] if layout == "prefix_shared" else [layout]
+            dropped = [x for x in TREE_LAYOUTS if x != PACKED_UNSHARED] if layout == PREFIX_SHARED else [layout]
             plan.layouts = plan.layouts - set(dropped)
             changes.append(f"layout {'/'.join(dropped)} -> plain (log-probs off by {err:.2g})")
     return changes

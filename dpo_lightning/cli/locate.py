@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def config_dir() -> Path:
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the dpo_lightning package
     for candidate in (here / "conf", here.parent / "conf"):
         if (candidate / "train.yaml").is_file():
             return candidate

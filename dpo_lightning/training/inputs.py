@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dpo_lightning.logprobs import SeqLogps
+from dpo_lightning.engine.logprobs import SeqLogps
 from dpo_lightning.losses.registry import Loss, LossInputs
 
 

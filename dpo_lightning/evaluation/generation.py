@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from dpo_lightning.data.collate import plain_layout
-from dpo_lightning.logprobs import sequence_logps
-from dpo_lightning.reference import reference_model
+from dpo_lightning.data.layouts import plain_layout
+from dpo_lightning.engine.logprobs import sequence_logps
+from dpo_lightning.reference.spec import reference_model
 
 
 @dataclass

@@ -36,16 +36,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpo_lightning.attention import (
-    attn_implementation,
-    batch_layout,
-    model_inputs,
-    to_plain,
-    tree_attention_mask,
-)
+from dpo_lightning.data.layouts import PLAIN, batch_layout, to_plain
+from dpo_lightning.engine.attention import attn_implementation, model_inputs, tree_attention_mask
 from dpo_lightning.models.quirks import AUX_LAYOUTS, EnginePlan, base_model, engine_plan, head_parameters
 
-__all__ = ["SeqLogps", "score_index", "chunked_logprobs", "sequence_logps", "split_model", "attn_implementation",
+__all__ = ["SeqLogps", "chunked_logprobs", "sequence_logps", "split_model", "attn_implementation",
            "model_inputs", "tree_attention_mask", "enable_gradient_checkpointing", "compile_backbone"]
 
 
@@ -61,19 +56,6 @@ class SeqLogps:
     logits_sum: torch.Tensor  # [S] sum over tokens of the vocabulary-mean logit (no grad; TRL's logits/*)
     log_sum_sq: torch.Tensor | None = None  # [T] log sum_v p_v^2 (no grad; WPO weights), if asked
     aux_loss: torch.Tensor | None = None  # [] MoE router load-balancing loss (policy of an MoE model), if asked
-
-
-def score_index(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Index tensors for the plain layout (one sequence per row, TRL's ``completion_mask``).
-
-    Row r, column t scores ``input_ids[r, t]`` from hidden state [r, t-1]; column 0 is never scored.
-    """
-    mask = completion_mask.bool().clone()
-    mask[:, 0] = False
-    rows, cols = mask.nonzero(as_tuple=True)  # row-major: sequence by sequence, left to right
-    pos = mask.long().cumsum(1)[rows, cols]
-    return {"score_src": rows * mask.size(1) + cols - 1, "score_tgt": input_ids[rows, cols],
-            "score_seq": rows, "score_pos": pos}
 
 
 def _fold_chunk(z: torch.Tensor, tgt: torch.Tensor, want_sq: bool, keep_grad: bool):
@@ -256,7 +238,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_s
     want_aux = aux_loss and plan.aux is not None
     layouts = plan.layouts
     if want_aux:  # the model's own forward computes its router loss from a 2D mask: plain rows only
-        layouts = layouts & (AUX_LAYOUTS if params is not None else {"plain"})
+        layouts = layouts & (AUX_LAYOUTS if params is not None else {PLAIN})
     if batch_layout(batch) not in layouts:
         batch = to_plain(batch)
     kwargs = model_inputs(model, batch, plan)

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dpo_lightning.data.layouts import PREFIX_SHARED, SHARED_LAYOUTS
 from dpo_lightning.losses.registry import NON_NEGATIVE, POSITIVE, UNIT, Range
 
 # key -> valid range, for the optimizer, scheduler, trainer and data basics (None values are skipped).
@@ -83,9 +84,9 @@ def check_adapter(cfg: DictConfig, error: type[Exception], *, training: bool) ->
 def check_reference(cfg: DictConfig, error: type[Exception]) -> None:
     """The checks that used to run only once the model had loaded."""
     loss = loss_from_config(cfg)
-    layout = _get(cfg, "data.layout", "prefix_shared")
+    layout = _get(cfg, "data.layout", PREFIX_SHARED)
     attn = str(_get(cfg, "model.attn_implementation") or "")
-    if attn.startswith("flash") and layout in ("prefix_shared", "packed"):
+    if attn.startswith("flash") and layout in SHARED_LAYOUTS:
         raise error(f"data.layout={layout} shares each prompt between its completions through a 4D attention "
                     f"mask, which model.attn_implementation={attn} does not take; use data.layout=packed_unshared "
                     "(padding-free, flash varlen) or plain, or attn_implementation=sdpa")

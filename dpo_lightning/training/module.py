@@ -17,17 +17,22 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from dpo_lightning.engine_check import summary, verify
-from dpo_lightning.inputs import build_inputs
-from dpo_lightning.logprobs import SeqLogps, compile_backbone, enable_gradient_checkpointing, sequence_logps
+from dpo_lightning.engine.logprobs import (
+    SeqLogps,
+    compile_backbone,
+    enable_gradient_checkpointing,
+    sequence_logps,
+)
+from dpo_lightning.engine.probe import summary, verify
 from dpo_lightning.losses.registry import Loss, LossOutput, get_loss
 from dpo_lightning.models.hf import ModelSpec, load_causal_lm
 from dpo_lightning.models.peft import apply_peft
 from dpo_lightning.models.quirks import engine_plan
-from dpo_lightning.nonfinite import NonFiniteGuard
-from dpo_lightning.optim import OptimizerSpec, SchedulerSpec
-from dpo_lightning.reference import ReferenceSpec, build_reference, reference_model
-from dpo_lightning.reference_sync import ReferenceSync, prepare_reference_sync, sync_settings
+from dpo_lightning.reference.spec import ReferenceSpec, build_reference, reference_model
+from dpo_lightning.reference.sync import ReferenceSync, prepare_reference_sync, sync_settings
+from dpo_lightning.training.inputs import build_inputs
+from dpo_lightning.training.nonfinite import NonFiniteGuard
+from dpo_lightning.training.optim import OptimizerSpec, SchedulerSpec
 
 
 def _as(kind, value):
@@ -196,11 +201,11 @@ class PreferenceLitModule(L.LightningModule):
         whole_layers = self.gradient_checkpointing or self.compile or getattr(strategy, "_checkpoint_layers", False)
         # DeepSpeed gathers ZeRO-3 partitions in its own module hooks: untested with recomputation, so not used
         if self.recompute_pointwise and not whole_layers and "DeepSpeed" not in type(strategy).__name__:
-            from dpo_lightning.recompute import enable_selective_recompute
+            from dpo_lightning.engine.recompute import enable_selective_recompute
 
             enable_selective_recompute(self.policy)
         if self.reference_mode == "cached":
-            from dpo_lightning.reference_cache import precompute_reference
+            from dpo_lightning.reference.cache import precompute_reference
 
             self.verify_engine()  # the cached values come from the same engine
             infos = precompute_reference(self, self.trainer.datamodule)

@@ -27,7 +27,7 @@ def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None) -> Non
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
-    from dpo_lightning.io import atomic_write_text
+    from dpo_lightning.files.atomic import atomic_write_text
 
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from dpo_lightning.logprobs import sequence_logps
+from dpo_lightning.engine.logprobs import sequence_logps
 
 CACHE_VERSION = "2"  # 2: safetensors files
 HASH_TENSOR_LIMIT = 4 * 2**30  # above this many bytes of weights, hash the weight files instead
@@ -282,7 +282,7 @@ def precompute_reference(module, datamodule) -> list[dict[str, Any]]:
     ``reference.dtype``, quantization) that is freed right after. Returns one info dict per row set.
     """
     from dpo_lightning.data.datamodule import tokenizer_fingerprint
-    from dpo_lightning.reference import adapters_disabled, build_reference
+    from dpo_lightning.reference.spec import adapters_disabled, build_reference
 
     if datamodule is None or not hasattr(datamodule, "train_rows"):
         raise PrecomputeError("reference.precompute needs a PreferenceDataModule (trainer.fit(module, "

@@ -74,33 +74,3 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, Any], plan: EnginePlan
     else:
         (kwargs["attention_mask"],) = masks.values()  # one kind of layer (quirks.attention_plan checks)
     return kwargs
-
-
-def batch_layout(batch: dict[str, Any]) -> str:
-    """The kind of mask a collated batch needs: ``plain``, ``packed_unshared``, or ``prefix_shared`` (for both
-    prefix-sharing layouts, ``prefix_shared`` and ``packed``: the same tree mask, one row or many)."""
-    if batch.get("segment_ids") is None:
-        return "plain"
-    return "prefix_shared" if batch.get("branch_ids") is not None else "packed_unshared"
-
-
-def to_plain(batch: dict[str, Any]) -> dict[str, Any]:
-    """The same sequences as a plain batch (one right-padded row each, row s = sequence s), so that ``score_seq``,
-    ``score_tgt`` and ``score_pos`` keep their meaning. For models that cannot take a layout's tree mask."""
-    from dpo_lightning.data.collate import plain_layout
-
-    ids, seg, comp = batch["input_ids"], batch["segment_ids"], batch["completion_mask"].bool()
-    L = ids.size(1)
-    src, tgt, seq, pos = batch["score_src"], batch["score_tgt"], batch["score_seq"], batch["score_pos"]
-    S = int(batch["num_sequences"])
-    first = (pos == 1).nonzero(as_tuple=True)[0]  # the first completion token of each sequence
-    prompts: list[list[int]] = [[] for _ in range(S)]
-    completions: list[list[int]] = [[] for _ in range(S)]
-    for t in first.tolist():  # its source is the last prompt token: the prompt is that segment's prompt part
-        r, c = divmod(int(src[t]), L)
-        cols = ((seg[r] == seg[r, c]) & ~comp[r]).nonzero(as_tuple=True)[0]
-        prompts[int(seq[t])] = ids[r, cols].tolist()
-    for t in torch.argsort(seq * (L + 1) + pos).tolist():
-        completions[int(seq[t])].append(int(tgt[t]))
-    out = plain_layout(prompts, completions, pad_token_id=0)
-    return {**{k: v for k, v in batch.items() if k not in ("position_ids", "segment_ids", "branch_ids")}, **out}

@@ -1,0 +1,2 @@
+"""Every check of a composed config, before any model loads; ``ConfigError`` says what to do instead.
+"""

@@ -1,0 +1,2 @@
+"""Evaluation beyond the loss: sampling and scoring completions (``generation``) and judges (``judges``).
+"""

@@ -1,0 +1,2 @@
+"""Files on disk: atomic writes and atomic Lightning checkpoints.
+"""

@@ -1,0 +1,3 @@
+"""The reference model: its spec and modes (``spec``), the precomputed log-prob cache (``cache``), TR-DPO
+sync (``sync``) and the record an export keeps of it (``record``).
+"""

@@ -1,0 +1,3 @@
+"""Training: the LightningModule (``module``), loss inputs (``inputs``), optimizer and scheduler specs
+(``optim``), the non-finite guard (``nonfinite``), memory helpers (``memory``) and strategies (``strategies``).
+"""
