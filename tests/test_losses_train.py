@@ -82,7 +82,7 @@ def test_two_steps_move_every_parameter(name, hparams, datamodules, tiny_path, m
     unmoved = [k for k, p in module.policy.named_parameters() if p.requires_grad and torch.equal(p, before[k])]
     assert not unmoved, f"{name}: parameters did not move: {unmoved}"
     if not loss.requires_reference:
-        assert module.reference is None and module.reference_mode == "none"
+        assert module.reference.module is None and module.reference.mode == "none"
         assert len(calls) == 2 and all(m is module.policy for m in calls), "a reference forward ran"
     else:
         assert len(calls) == 4  # policy + reference, two steps

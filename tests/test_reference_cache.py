@@ -59,7 +59,7 @@ def test_cached_values_give_the_live_reference_inputs(policy, tokenizer, ld_alph
 
 def test_cache_is_reused_and_invalidated_by_tokenizer_truncation_and_weights(policy, tokenizer, tmp_path,
                                                                            monkeypatch):
-    from dpo_lightning.reference.spec import cache as reference_cache
+    from dpo_lightning.reference import cache as reference_cache
 
     rows = rows_of(tokenizer)
     collator = PreferenceCollator(tokenizer.pad_token_id, layout="prefix_shared")
@@ -96,12 +96,12 @@ def test_cache_is_reused_and_invalidated_by_tokenizer_truncation_and_weights(pol
 def test_precompute_in_training_reuses_cache_and_frees_the_reference(tiny_path, default_data_path, tmp_path,
                                                                      monkeypatch):
     """reference.precompute: computed once in setup (no reference copy), reused by a second run."""
-    from dpo_lightning.reference.spec import cache as reference_cache
+    from dpo_lightning.reference import cache as reference_cache
 
     def run():
         module = PreferenceLitModule(str(tiny_path), loss=get_loss("sigmoid", beta=0.1, ld_alpha=0.5),
                                      reference={"precompute": True}, optimizer={"lr": 1e-3})
-        assert module.reference_mode == "cached" and module.reference is None
+        assert module.reference.is_precomputed and module.reference.module is None
         dm = PreferenceDataModule(default_data_path, str(tiny_path), batch_size=4, max_length=64,
                                   val_fraction=0.2, cache_dir=str(tmp_path))
         trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
