@@ -31,6 +31,7 @@ from dpo_lightning.cli.runtime import print_config_tree
 from dpo_lightning.config.validate import validate_config
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.files.atomic import atomic_write_json
+from dpo_lightning.reference.spec import Mode
 from dpo_lightning.training.module import PreferenceLitModule
 from dpo_lightning.training.strategies import build_strategy
 
@@ -61,8 +62,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results = trainer.validate(module, dataloaders=loader, verbose=False)[0]
     metrics = {k: float(v) for k, v in sorted(results.items())}
     report = {"metrics": metrics, "num_examples": len(rows), "policy": model_spec.name_or_path,
-              "reference": module.reference_mode if module.reference_mode != "model"
-              else module.reference_spec.name_or_path, "loss": {"name": loss.name, **loss.hparams},
+              "reference": module.reference.mode.value if module.reference.mode is not Mode.MODEL
+              else module.reference.spec.name_or_path, "loss": {"name": loss.name, **loss.hparams},
               "data": str(cfg.data.val_path or cfg.data.path), "split": split}
     if generation is not None:  # the samples beside eval.json
         report["generations"] = str(write_generations(generation, cfg.output_json))

@@ -21,7 +21,8 @@ from lightning.pytorch.strategies import FSDPStrategy as _LFSDP
 from lightning.pytorch.strategies import ModelParallelStrategy as _LModelParallel
 
 from dpo_lightning.files.atomic import atomic_write_json, replace_folder
-from dpo_lightning.reference.record import REFERENCE_FILE, reference_record
+from dpo_lightning.models.peft import is_peft_model
+from dpo_lightning.reference.record import REFERENCE_FILE
 
 
 def full_policy_state_dict(trainer, module) -> dict[str, torch.Tensor] | None:
@@ -89,7 +90,7 @@ def export_policy(trainer, module, tokenizer, out_dir: str | Path, *, merge_adap
     policy = module.policy
     quantized = bool(getattr(module.model_spec, "quantization", None))
     if state is not None:  # sharded: load the gathered weights into an unwrapped copy
-        extra = getattr(module, "reference_adapter", None)  # TR-DPO's mixed adapter is not exported
+        extra = module.reference.adapter  # TR-DPO's mixed adapter is not exported
         state = {k: v for k, v in state.items() if not extra or f".{extra}." not in k}
         policy = _fresh_policy(module, quantized=False)
         missing, unexpected = policy.load_state_dict(state, strict=False)
@@ -100,14 +101,14 @@ def export_policy(trainer, module, tokenizer, out_dir: str | Path, *, merge_adap
         if unexpected or missing:
             raise RuntimeError(f"export: gathered policy weights do not match the model (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
-    elif merge_adapters and quantized and hasattr(policy, "merge_and_unload"):
+    elif merge_adapters and quantized and is_peft_model(policy):
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         fresh = _fresh_policy(module, quantized=False)
         set_peft_model_state_dict(fresh, {k: v.detach().cpu() for k, v in get_peft_model_state_dict(policy).items()})
         policy = fresh
     return export_pretrained(policy, tokenizer, out_dir, merge_adapters=merge_adapters,
-                             records={REFERENCE_FILE: reference_record(module)})
+                             records={REFERENCE_FILE: module.reference.record()})
 
 
 
@@ -122,11 +123,11 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
-        if merge_adapters and hasattr(model, "merge_and_unload"):
+        if merge_adapters and is_peft_model(model):
             import copy
 
             model = copy.deepcopy(model).merge_and_unload()
-        adapters = list(getattr(model, "peft_config", None) or [])
+        adapters = list(model.peft_config) if is_peft_model(model) else []
         if len(adapters) > 1:  # TR-DPO's mixed "reference" adapter stays out of the export
             model.save_pretrained(tmp, selected_adapters=[model.active_adapter])
         else:

@@ -134,7 +134,7 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
     final = {k: float(v) for k, v in (after[0] if after else {}).items()}
     final.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("gen/")})
     summary["final_metrics"] = final
-    summary["reference_passes"] = int(any(not i["hit"] for i in getattr(module, "reference_cache_infos", [])))
+    summary["reference_passes"] = int(any(not i["hit"] for i in module.reference.cache_infos))
     summary["wandb_run_id"] = next((lg.version for lg in objs["loggers"] if type(lg).__name__ == "WandbLogger"),
                                    None)
     hint = wandb_sync_hint(objs["loggers"])

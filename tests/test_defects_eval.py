@@ -51,7 +51,7 @@ def test_training_starts_from_a_saved_adapter(tiny_path, adapter):
     state = {k: v for k, v in module.policy.state_dict().items() if "lora_B" in k}
     assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
     assert all(p.requires_grad for n, p in module.policy.named_parameters() if "lora_" in n)
-    assert module.reference_mode == "adapter"
+    assert module.reference.mode == "adapter"
 
 
 def test_eval_scores_the_saved_adapter_not_fresh_ones(tmp_path, tiny_path, adapter, data):

@@ -34,7 +34,7 @@ class SyncCheck(L.Callback):
     def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx):
         step = trainer.global_step
         if step > 0 and step % self.every == 0 and step != self.last:
-            assert m.reference_version == len(self.diffs), "SyncCheck must run before ReferenceSync"
+            assert m.reference.version == len(self.diffs), "SyncCheck must run before ReferenceSync"
             pol, ref = m.policy.state_dict(), m.reference.state_dict()
             self.expected = {k: ref[k] * (1 - self.alpha) + pol[k] * self.alpha for k in pol}
             self.batch, self.last = {k: v for k, v in batch.items()}, step
@@ -42,7 +42,7 @@ class SyncCheck(L.Callback):
     def _check(self, m):
         if self.expected is None:
             return
-        assert m.reference_version == len(self.diffs) + 1
+        assert m.reference.version == len(self.diffs) + 1
         fresh = load_causal_lm(m.model_spec)
         fresh.load_state_dict(self.expected)
         with torch.no_grad():
@@ -59,7 +59,7 @@ class SyncCheck(L.Callback):
         digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in m.reference.parameters()))
         os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as fh:
-            json.dump({"diffs": self.diffs, "version": m.reference_version, "reference": digest.hexdigest(),
+            json.dump({"diffs": self.diffs, "version": m.reference.version, "reference": digest.hexdigest(),
                        "world_size": trainer.world_size}, fh)
 '''
 

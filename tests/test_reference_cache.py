@@ -101,7 +101,7 @@ def test_precompute_in_training_reuses_cache_and_frees_the_reference(tiny_path, 
     def run():
         module = PreferenceLitModule(str(tiny_path), loss=get_loss("sigmoid", beta=0.1, ld_alpha=0.5),
                                      reference={"precompute": True}, optimizer={"lr": 1e-3})
-        assert module.reference_mode == "cached" and module.reference is None
+        assert module.reference.is_precomputed and module.reference.module is None
         dm = PreferenceDataModule(default_data_path, str(tiny_path), batch_size=4, max_length=64,
                                   val_fraction=0.2, cache_dir=str(tmp_path))
         trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -217,11 +217,11 @@ def test_peft_composes_and_constructs(name, tiny_path, no_gpu):
     peft = OmegaConf.to_container(cfg.peft) if cfg.peft else None
     module = PreferenceLitModule(str(tiny_path), loss="sigmoid", peft=peft)
     if name == "none":
-        assert peft is None and module.reference_mode == "copy" and module.reference is not None
+        assert peft is None and module.reference.mode == "copy" and module.reference.module is not None
         return
     lc = lora_config(peft)
     assert lc.r == 16 and lc.lora_alpha == 32 and lc.target_modules == "all-linear"
-    assert module.reference_mode == "adapter" and module.reference is None
+    assert module.reference.mode == "adapter" and module.reference.module is None
     trainable = [n for n, p in module.policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     targeted = {n.split(".")[-4] for n in trainable if n.endswith("lora_A.default.weight")}
@@ -300,7 +300,7 @@ out = export_policy(trainer, module, dm.tokenizer, f"{cfg.paths.output_dir}/expo
 if trainer.is_global_zero:
     print("RESULT " + json.dumps({"steps": trainer.global_step, "val": val[0]["val/loss"],
                                   "full_logits": module.full_logits, "strategy": type(trainer.strategy).__name__,
-                                  "version": module.reference_version}))
+                                  "version": module.reference.version}))
 '''
 SHARDED_COMMON = [
     "logger=csv", "print_config=false", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",

@@ -95,7 +95,7 @@ class GenerationEvaluation(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or not self.settings.num_prompts:
             return
-        step, version = trainer.global_step, getattr(pl_module, "reference_version", 0)
+        step, version = trainer.global_step, pl_module.reference.version
         if self._done == (step, version):  # this policy was just evaluated (the validation after fit)
             return
         tokenizer = self.tokenizer or getattr(trainer.datamodule, "tokenizer", None)

@@ -29,7 +29,6 @@ import torch
 
 from dpo_lightning.data.layouts import plain_layout
 from dpo_lightning.engine.logprobs import sequence_logps
-from dpo_lightning.reference.spec import reference_model
 
 
 @dataclass
@@ -158,7 +157,7 @@ def generate_and_score(module, tokenizer, prompts: list[tuple[int, list[int]]], 
     logp = score_completions(module.policy, rep, policy, **opts)
     reference_samples = dict(reference_samples or {})
     ref_logp = None
-    with reference_model(module) as ref:
+    with module.reference.scoring_model() as ref:  # None when precomputed or reference-free
         if ref is not None:
             missing = [(i, p) for i, p in prompts if i not in reference_samples]
             if missing:

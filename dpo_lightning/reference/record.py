@@ -17,16 +17,16 @@ from typing import Any
 REFERENCE_FILE = "reference.json"
 
 
-def reference_record(module) -> dict[str, Any]:
-    """The reference of ``module`` (a ``PreferenceLitModule``) as a JSON-able dict: a separately named model,
-    else the policy's initial weights (copy, adapter-disabled base, cached or reference-free training alike)."""
-    spec, model = module.reference_spec, module.model_spec
+def reference_record(reference) -> dict[str, Any]:
+    """A ``Reference`` (``reference.py``) as a JSON-able dict: a separately named model, else the policy's
+    initial weights (copy, adapter-disabled base, cached or reference-free training alike)."""
+    spec, model = reference.spec, reference.policy_spec
     name = spec.name_or_path or model.name_or_path
     if not name.startswith("builtin:") and Path(name).exists():
         name = str(Path(name).resolve())  # a relative local path would depend on the working directory
-    record: dict[str, Any] = {"name_or_path": name, "dtype": spec.dtype or model.dtype,
+    record: dict[str, Any] = {"name_or_path": name, "dtype": reference.dtype,
                               "revision": None if spec.name_or_path else model.revision,
-                              "mode": module.reference_mode, "loss": module.loss_fn.name}
+                              "mode": reference.mode.value, "loss": reference.loss_name}
     if name.startswith("builtin:"):
         record["tiny"] = dict(model.tiny or {})
     return record

@@ -72,6 +72,7 @@ def precompute_is_exact(cfg: DictConfig) -> tuple[bool, str]:
     """
     from hydra.utils import instantiate
 
+    from dpo_lightning.reference.spec import AUTO, Mode
     from dpo_lightning.training.strategies import strategy_kind
 
     loss = instantiate(cfg.loss, _convert_="all")
@@ -79,7 +80,7 @@ def precompute_is_exact(cfg: DictConfig) -> tuple[bool, str]:
         return False, f"loss {loss.name} needs no reference"
     if loss.needs_kl_pairs:
         return False, f"loss {loss.name}'s KL rows depend on the batching"
-    if str(OmegaConf.select(cfg, "reference.mode", default="auto")) == "none":
+    if str(OmegaConf.select(cfg, "reference.mode", default=AUTO)) == Mode.NONE:
         return False, "reference.mode=none"
     if str(OmegaConf.select(cfg, "trainer.precision", default="32-true")) not in ("32-true", "32"):
         return False, "trainer.precision is not 32-true"
