@@ -98,6 +98,17 @@ def test_adapter_reference_is_the_base_model(tiny_path, batch):
     assert not torch.allclose(_logps(m.policy, batch), base, atol=1e-4)
 
 
+def test_a_model_with_top_level_tensors_is_held_whole(tiny_path, batch):
+    """A structure the reference cannot adopt child by child (a tensor at the model's top level) still works."""
+    model = load_causal_lm(ModelSpec(str(tiny_path)))
+    model.register_buffer("logit_bias_", torch.zeros(1))
+    ref = Reference(ReferenceSpec(), Mode.COPY, policy=model, policy_spec=ModelSpec(str(tiny_path)), module=model)
+    assert set(ref.state_dict()) == {f"model_.{k}" for k in model.state_dict()}
+    with ref.scoring_model() as scoring:
+        assert scoring is model
+    assert torch.equal(ref.logps(batch, full_logits=True).logps, _logps(model, batch))
+
+
 def test_separate_model_in_another_dtype_and_its_record(tiny_path):
     m = PreferenceLitModule(str(tiny_path), loss="ipo", reference={"name_or_path": str(tiny_path),
                                                                    "dtype": "bfloat16"})

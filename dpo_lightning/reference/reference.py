@@ -16,7 +16,8 @@
 Weight names: the module registers it as ``reference`` and it adopts the frozen model's children as its own,
 so the weights are named ``reference.<the model's own names>`` in state dicts, checkpoints and sharding (FSDP
 units, activation-checkpoint wrappers, distributed checkpoint keys), and ``ref.state_dict()`` is the frozen
-model's. The model object itself and the policy are held outside the module tree (the policy's weights are the
+model's. A model with tensors of its own at the top level (or a child named like a ``Reference`` attribute) is
+held as one child instead, ``reference.model_.<names>``. The model object itself and the policy are held outside the module tree (the policy's weights are the
 LightningModule's ``policy.*``).
 """
 
@@ -63,13 +64,12 @@ class Reference(torch.nn.Module):
         self.cache_infos: list[dict[str, Any]] = []  # one per row set precomputed (the sweep report counts them)
         if module is not None:
             own = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
-            if own:
-                raise ValueError(f"reference: the model holds tensors outside its submodules ({own[:3]}); a reference "
-                                 "adopts its submodules only")
-            for name, child in module.named_children():
-                if name in self.__dict__ or hasattr(type(self), name):
-                    raise ValueError(f"reference: the model's submodule {name!r} clashes with a Reference attribute")
-                self.add_module(name, child)
+            clash = [n for n, _ in module.named_children() if n in self.__dict__ or hasattr(type(self), n)]
+            if own or clash:  # cannot adopt its children under their own names: hold the model as one child
+                self.add_module("model_", module)
+            else:
+                for name, child in module.named_children():
+                    self.add_module(name, child)
         self.train(False)
 
     @classmethod
