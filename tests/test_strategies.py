@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from dpo_lightning.cli.locate import compose, config_dir
-from dpo_lightning.config import validate as validation
+from dpo_lightning.config import base as validation  # the environment probes the checks look up
 from dpo_lightning.config.validate import PRECISIONS, ConfigError, validate_config
 from dpo_lightning.training.strategies import (
     DeepSpeedStrategy,
@@ -34,19 +34,19 @@ PEFTS = sorted(p.stem for p in (config_dir() / "peft").glob("*.yaml"))
 KIND = {"auto": "auto", "ddp": "ddp", "fsdp": "fsdp", "fsdp_offload": "fsdp", "fsdp2": "model_parallel",
         "deepspeed_zero2": "deepspeed", "deepspeed_zero2_offload": "deepspeed", "deepspeed_zero3": "deepspeed",
         "deepspeed_zero3_offload": "deepspeed"}
-HAS_DEEPSPEED = validation._installed("deepspeed")
+HAS_DEEPSPEED = validation.installed("deepspeed")
 
 
 @pytest.fixture
 def no_gpu(monkeypatch):
     """Behave as on a machine without CUDA, whatever this one has."""
-    monkeypatch.setattr(validation, "_cuda_available", lambda: False)
+    monkeypatch.setattr(validation, "cuda_available", lambda: False)
 
 
 @pytest.fixture
 def gpu(monkeypatch):
     """Behave as on a CUDA machine with bf16 (validation only: nothing runs on it)."""
-    monkeypatch.setattr(validation, "_cuda_available", lambda: True)
+    monkeypatch.setattr(validation, "cuda_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
 
 
@@ -118,7 +118,7 @@ def test_sharded_strategies_refuse_cpu_with_our_message(name, accelerator, no_gp
 
 
 def test_deepspeed_missing_is_refused(gpu, monkeypatch):
-    monkeypatch.setattr(validation, "_installed", lambda name: name != "deepspeed")
+    monkeypatch.setattr(validation, "installed", lambda name: name != "deepspeed")
     with pytest.raises(ConfigError, match=r"DeepSpeed is not installed.*dpo-lightning\[deepspeed\]"):
         validate_config(_cfg("strategy=deepspeed_zero3", "trainer.accelerator=gpu"))
 
@@ -197,10 +197,10 @@ def test_quantized_full_finetuning_is_refused(name, no_gpu):
 
 def test_bitsandbytes_missing_and_sharded_quantization_are_refused(gpu, monkeypatch):
     cfg = _cfg("quantization=bnb_4bit", "peft=lora", "trainer.accelerator=gpu")
-    monkeypatch.setattr(validation, "_installed", lambda name: name != "bitsandbytes")
+    monkeypatch.setattr(validation, "installed", lambda name: name != "bitsandbytes")
     with pytest.raises(ConfigError, match="needs bitsandbytes: pip install"):
         validate_config(cfg)
-    monkeypatch.setattr(validation, "_installed", lambda name: True)
+    monkeypatch.setattr(validation, "installed", lambda name: True)
     with pytest.raises(ConfigError, match="strategy=ddp"):
         validate_config(_cfg("quantization=bnb_4bit", "peft=lora", "trainer.accelerator=gpu", "strategy=fsdp"))
     with pytest.raises(ConfigError, match="quant_type"):

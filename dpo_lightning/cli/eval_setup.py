@@ -15,8 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dpo_lightning.config.checks import loss_from_config
-from dpo_lightning.config.validate import ConfigError
+from dpo_lightning.config.base import ConfigError
+from dpo_lightning.config.values import loss_from_config
 from dpo_lightning.reference.record import REFERENCE_FILE, read_reference_record
 from dpo_lightning.reference.spec import AUTO, Mode
 
