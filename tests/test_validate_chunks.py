@@ -91,7 +91,7 @@ def test_the_first_error_of_the_source_is_raised_with_its_row_number(tokenizer, 
     rows[16] = {"prompt": "the cat", "completion": "the mat", "label": True}
     with pytest.raises(DataError, match=r"bad.jsonl: row 16: paired and unpaired rows in one file"):
         run({})
-    assert not list((tmp_path / "c").iterdir())  # nothing half-written
+    assert not [p for p in (tmp_path / "c").iterdir() if p.suffix != ".lock"]  # nothing half-written
 
 
 def test_a_source_whose_first_rows_are_unreadable_learns_its_kind_further_on(tokenizer, tmp_path, monkeypatch):

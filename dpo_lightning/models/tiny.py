@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
+
+from dpo_lightning.files import disk_cache
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 CHAT_TEMPLATE = (
@@ -28,7 +28,7 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 
 def cache_root() -> Path:
     """Where built-in models are kept (``$DPO_LIGHTNING_CACHE`` or ``~/.cache/dpo_lightning``)."""
-    return Path(os.environ.get("DPO_LIGHTNING_CACHE", Path.home() / ".cache" / "dpo_lightning"))
+    return disk_cache.cache_root()
 
 
 def default_vocab() -> list[str]:
@@ -77,16 +77,13 @@ def materialize(name: str = "tiny-llama", seed: int = 0, **overrides) -> Path:
     target = cache_root() / "builtin" / f"{name}-{key.hexdigest()[:12]}"
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    tmp = disk_cache.staging_folder(target)
     try:
         tok = build_tokenizer()
         build_model(len(tok), seed=seed, **overrides).save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        # another process that won the race wrote an identical copy: keep theirs
+        disk_cache.publish_folder(tmp, target, complete=lambda entry: (entry / "config.json").exists())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

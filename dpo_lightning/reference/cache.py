@@ -32,8 +32,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from typing import Any
 import torch
 
 from dpo_lightning.engine.logprobs import sequence_logps
+from dpo_lightning.files import disk_cache
 from dpo_lightning.models.peft import adapters_disabled, is_peft_model
 from dpo_lightning.reference.spec import Mode, PrecomputeError, build_reference, check_precompute
 
@@ -112,14 +111,11 @@ def rows_fingerprint(rows: list[dict[str, Any]]) -> str:
 
 
 def cache_key(*, weights: str, tokenizer: str, truncation: dict[str, Any], rows: str) -> str:
-    return hashlib.sha256(json.dumps([CACHE_VERSION, weights, tokenizer, truncation, rows],
-                                     sort_keys=True).encode()).hexdigest()[:24]
+    return disk_cache.cache_key(weights, tokenizer, truncation, rows, version=CACHE_VERSION, length=24)
 
 
 def cache_root(cache_dir: str | Path | None) -> Path:
-    base = Path(cache_dir) if cache_dir else Path(os.environ.get(
-        "DPO_LIGHTNING_CACHE", Path.home() / ".cache" / "dpo_lightning"))
-    return base / "reference"
+    return disk_cache.cache_root(cache_dir, "reference")
 
 
 # ------------------------------------------------------------------ computation
@@ -169,16 +165,9 @@ def save_atomic(path: Path, values: dict[str, torch.Tensor], meta: dict[str, Any
     """Write ``values`` as a safetensors file (tensors + a JSON metadata string; no pickle), atomically."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in values.items()}, tmp,
-                  metadata={"meta": json.dumps(meta, sort_keys=True, default=str)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    disk_cache.publish_file(path, lambda tmp: save_file(
+        {k: v.detach().cpu().contiguous() for k, v in values.items()}, tmp,
+        metadata={"meta": json.dumps(meta, sort_keys=True, default=str)}), suffix=".safetensors")
 
 
 def load(path: Path, n_rows: int) -> dict[str, torch.Tensor] | None:
@@ -253,20 +242,9 @@ def _compute(model, rows, collator, batch_size, chunk_size, device) -> tuple[dic
 def compute_lock(path: Path, poll: float = 0.5):
     """An exclusive lock on ``<path>.lock`` (``filelock``: fcntl/msvcrt, released if the holder dies); says
     so when it has to wait for another process computing the same reference values."""
-    from filelock import FileLock, Timeout
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(f"{path}.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"[dpo_lightning] another process is computing these reference log-probs ({path.name}); waiting "
-              "for it (lock file beside it)", flush=True)
-        lock.acquire(poll_interval=poll)
-    try:
+    with disk_cache.file_lock(path, poll=poll, waiting=f"[dpo_lightning] another process is computing these "
+                              f"reference log-probs ({path.name}); waiting for it (lock file beside it)"):
         yield
-    finally:
-        lock.release()
 
 
 # ------------------------------------------------------------------ the Reference's hook
