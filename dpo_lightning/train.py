@@ -13,22 +13,20 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import warnings
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dpo_lightning.callbacks.preemption import PreemptionCheckpoint, resolve_ckpt_path
+from dpo_lightning.callbacks.preemption import resolve_ckpt_path
+from dpo_lightning.cli.build import build
 from dpo_lightning.cli.locate import config_dir
 from dpo_lightning.cli.runtime import flatten, prepare_wandb, print_config_tree, save_config, wandb_sync_hint
 from dpo_lightning.config.validate import ConfigError, validate_config
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.export import export_policy
-from dpo_lightning.files.atomic import AtomicCheckpointIO
 from dpo_lightning.sweeps.hydra_callback import register_plugins, sweep_failures, sweep_job_info
 from dpo_lightning.sweeps.job import (
     JobInfo,
@@ -38,38 +36,9 @@ from dpo_lightning.sweeps.job import (
     write_final_summary,
 )
 from dpo_lightning.training.memory import release_free_memory
-from dpo_lightning.training.module import PreferenceLitModule
 from dpo_lightning.training.nonfinite import NonFiniteError
-from dpo_lightning.training.strategies import build_strategy
 
 log = logging.getLogger("dpo_lightning")
-# The frozen reference is in eval mode on purpose; Lightning warns about any such module.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-
-
-def build(cfg: DictConfig, *, with_trainer: bool = True) -> dict[str, Any]:
-    """Instantiate every object a run needs from a composed config (no training)."""
-    model_spec = instantiate(cfg.model, _convert_="all")
-    loss = instantiate(cfg.loss, _convert_="all")
-    reference = instantiate(cfg.reference, _convert_="all")
-    datamodule = instantiate(cfg.data, _partial_=True, _convert_="all")(
-        tokenizer=model_spec, paired=loss.paired, kl_pairs=bool(getattr(loss, "needs_kl_pairs", False)))
-    module = PreferenceLitModule(model_spec, loss=loss, reference=reference,
-                                 optimizer=instantiate(cfg.optimizer, _convert_="all"),
-                                 scheduler=instantiate(cfg.scheduler, _convert_="all"),
-                                 peft=OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None,
-                                 nonfinite=OmegaConf.to_container(cfg.nonfinite) if cfg.get("nonfinite") else None,
-                                 **(OmegaConf.to_container(cfg.engine, resolve=True) if cfg.get("engine") else {}))
-    out = {"model_spec": model_spec, "loss": loss, "datamodule": datamodule, "module": module}
-    if with_trainer:
-        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-        if cfg.get("preemption", True):  # SIGTERM / SLURM requeue: checkpoint at the next step, every rank, exit
-            callbacks.append(PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"))
-        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                              strategy=build_strategy(cfg.get("strategy")), plugins=[AtomicCheckpointIO()])
-        out.update(callbacks=callbacks, loggers=loggers, trainer=trainer)
-    return out
 
 
 def _metric(results: list[dict], key: str) -> float | None:
