@@ -6,10 +6,11 @@ from omegaconf import DictConfig
 
 from dpo_lightning.config.base import ConfigError, _get, has_peft
 from dpo_lightning.config.values import loss_from_config
+from dpo_lightning.reference.spec import precompute_refusal
 
 
 def check_reference_for_loss(cfg: DictConfig) -> None:
-    """The reference mode, precompute and dtype against the loss (what used to fail only once the model loaded)."""
+    """The reference mode, precompute and dtype against the loss, before any model loads."""
     loss = loss_from_config(cfg)
     if loss is None:
         return
@@ -19,9 +20,7 @@ def check_reference_for_loss(cfg: DictConfig) -> None:
                           "reference.mode=auto or a reference-free loss (orpo, simpo, cpo, alphapo)")
     precompute = bool(_get(cfg, "reference.precompute")) and loss.requires_reference
     if precompute and loss.needs_kl_pairs:
-        raise ConfigError(f"reference.precompute=true cannot serve loss {loss.name!r}: its KL rows pair prompt i with "
-                          "completion i-1 of the same batch, which depends on the batching; set "
-                          "reference.precompute=false")
+        raise ConfigError(precompute_refusal(loss.name))
     adapter = has_peft(cfg) and mode in ("auto", "adapter") and not _get(cfg, "reference.name_or_path")
     if _get(cfg, "reference.dtype") and adapter and loss.requires_reference and not precompute:
         raise ConfigError(f"reference.dtype={_get(cfg, 'reference.dtype')} applies to a separately loaded reference, "
