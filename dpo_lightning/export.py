@@ -11,7 +11,6 @@ The folder loads with ``AutoModelForCausalLM.from_pretrained`` (a LoRA policy: i
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as _LDeepSpeed
 from lightning.pytorch.strategies import FSDPStrategy as _LFSDP
 from lightning.pytorch.strategies import ModelParallelStrategy as _LModelParallel
 
-from dpo_lightning.files.atomic import atomic_write_json, replace_folder
+from dpo_lightning.files.atomic import atomic_write_json, honour_umask, replace_folder, temp_dir
 from dpo_lightning.reference.record import REFERENCE_FILE, reference_record
 
 
@@ -120,7 +119,7 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: 
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = temp_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     try:
         if merge_adapters and hasattr(model, "merge_and_unload"):
             import copy
@@ -135,6 +134,7 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: 
             tokenizer.save_pretrained(tmp)
         for name, data in (records or {}).items():
             atomic_write_json(tmp / name, data)
+        honour_umask(tmp)  # the weights file is written 0600 by save_pretrained: readable like any other file
         replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

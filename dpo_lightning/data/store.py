@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dpo_lightning.files.atomic import temp_dir
 
 FIELDS = ("prompt", "a", "b")
 
@@ -43,7 +44,7 @@ class StoreWriter:
     def __init__(self, final: Path):
         self.final = final
         final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+        self.tmp = temp_dir(final.parent, prefix=".tmp-")  # the umask's mode: a shared cache stays shared
         self._raw = {f: open(self.tmp / f"{f}.raw", "wb") for f in FIELDS}
         self._lens: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
         self._index: list[np.ndarray] = []

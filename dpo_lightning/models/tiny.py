@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -79,11 +78,14 @@ def materialize(name: str = "tiny-llama", seed: int = 0, **overrides) -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    from dpo_lightning.files.atomic import honour_umask, temp_dir
+
+    tmp = temp_dir(target.parent, prefix=".tmp-")  # the umask's mode, not mkdtemp's 0700
     try:
         tok = build_tokenizer()
         build_model(len(tok), seed=seed, **overrides).save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        honour_umask(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; its copy is identical
