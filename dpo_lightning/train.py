@@ -29,6 +29,7 @@ from dpo_lightning.config.validate import ConfigError, validate_config
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.export import export_policy
 from dpo_lightning.files.atomic import AtomicCheckpointIO
+from dpo_lightning.models.hf import ModelLoadError
 from dpo_lightning.sweeps.hydra_callback import register_plugins, sweep_failures, sweep_job_info
 from dpo_lightning.sweeps.job import (
     JobInfo,
@@ -176,7 +177,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return None if summary is None else summary.get("val/rewards/accuracies (after)")
     try:
         summary = train(cfg)
-    except (DataError, ConfigError, FileNotFoundError, NonFiniteError) as err:
+    except (DataError, ConfigError, FileNotFoundError, NonFiniteError, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return summary.get("val/rewards/accuracies (after)")  # the sweep objective
