@@ -47,3 +47,8 @@ def test_dpo_train_prints_one_line(tmp_path, name):
     assert "Traceback" not in out.stderr
     (line,) = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
     assert name.lstrip("./") in line and "HF_HUB_OFFLINE=1" in line
+
+
+def test_the_built_in_model_and_a_saved_folder_still_load(tiny_path):
+    assert load_tokenizer(ModelSpec("builtin:tiny-llama")).eos_token == "</s>"
+    assert load_tokenizer(ModelSpec(str(tiny_path))).eos_token == "</s>"

@@ -73,6 +73,8 @@ def check_source(spec: ModelSpec, what: str = "model") -> None:
     without a saved model, or a hub id that is neither cached nor reachable (instead of a 200-line traceback
     or a minute of retries)."""
     name = spec.name_or_path
+    if name.startswith("builtin:"):
+        return  # built offline (tiny.py); an unknown built-in name raises there
     field_name = f"{what} {name!r}"
     if _looks_local(name):
         path = Path(name).expanduser()
