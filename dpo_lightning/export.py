@@ -3,6 +3,9 @@ record of its reference, ``save_pretrained`` into a temporary folder that is ren
 
     export_policy(trainer, module, tokenizer, out_dir)   every rank calls it (sharded weights are gathered)
     export_pretrained(model, tokenizer, out_dir)          one unwrapped model, atomically
+    export_module(module, out_dir)                        one call from a plain Lightning script: policy,
+                                                          tokenizer (loaded from the module's model when not
+                                                          given) and reference.json
 
 The folder loads with ``AutoModelForCausalLM.from_pretrained`` (a LoRA policy: its adapter, or merged with
 ``merge_adapters``) and carries ``reference.json`` (``reference/record.py``) for ``dpo-eval``.
@@ -108,6 +111,26 @@ def export_policy(trainer, module, tokenizer, out_dir: str | Path, *, merge_adap
     return export_pretrained(policy, tokenizer, out_dir, merge_adapters=merge_adapters,
                              records={REFERENCE_FILE: reference_record(module)})
 
+
+
+def export_module(module, out_dir: str | Path, tokenizer: Any = None, *, merge_adapters: bool = False) -> Path | None:
+    """Export a trained ``PreferenceLitModule`` in one call, as ``dpo-train`` does: the policy, its tokenizer
+    (``tokenizer``, or loaded from ``module.model_spec``) and ``reference.json``. After ``trainer.fit`` it goes
+    through the module's trainer (call it on every rank: sharded weights are gathered; rank 0 writes and gets
+    the folder, other ranks None); a module never attached to a trainer is saved as it is.
+
+        L.Trainer(...).fit(module, datamodule=data)
+        export_module(module, "my-policy")        # AutoModelForCausalLM / AutoTokenizer.from_pretrained("my-policy")
+    """
+    if tokenizer is None:
+        from dpo_lightning.models.hf import load_tokenizer
+
+        tokenizer = load_tokenizer(module.model_spec)
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None:
+        return export_policy(trainer, module, tokenizer, out_dir, merge_adapters=merge_adapters)
+    return export_pretrained(module.policy, tokenizer, out_dir, merge_adapters=merge_adapters,
+                             records={REFERENCE_FILE: reference_record(module)})
 
 
 def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: bool = False,
