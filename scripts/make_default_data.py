@@ -2,21 +2,26 @@
 
     python scripts/make_default_data.py
 
-A small synthetic task whose preference follows rules, so that what a tiny model learns can be measured on
-prompts it has never seen. Every row has its own prompt (no prompt, and no row, appears twice), built from
-templates and word lists; the chosen answer is correct, on topic and kind, the rejected one breaks one rule:
+A small synthetic task whose preference follows a rule a tiny model learns within the default run, so that
+what it learns can be measured on prompts it has never seen. Every row has its own prompt (no prompt, and no
+row, appears twice), built from several templates and word lists. The rule is one of manner: the chosen
+answer is kind, on topic and ends with the fixed closing ``hope this helps !``; the rejected one is rude,
+unkind or ends rudely:
 
-* describe  ``describe the red lamp .``       chosen ``the red lamp is lovely .``; rejected names another
-            colour or thing (``the blue lamp ...``, ``the red kite ...``) or is unkind (``... is ugly .``)
-* repeat    ``repeat after me : cat lamp sun .``  chosen repeats the words in order; rejected swaps two of
-            them or replaces one
-* help      ``how do i make tea at home ?``  chosen gives the task's two steps; rejected is rude or gives the
-            steps of another task
+* describe  ``describe the red lamp .`` / ``tell me about ...`` / ``what do you think of ... ?``
+            chosen ``the red lamp is lovely . hope this helps !``; rejected says it is ugly
+            (``the red lamp is ugly .``), brushes the user off (``go away .``) or ends rudely
+            (``the red lamp is lovely . now leave me alone .``)
+* help      ``how do i make tea at home ?`` / ``how can i ...`` / ``what is the best way to ...``
+            chosen ``first boil the water , then steep the leaves . hope this helps !``; rejected brushes the
+            user off or gives the steps and ends rudely
+* correct   (a smaller share, ``CORRECT_SHARE``) describe prompts whose two answers are both kind and polite,
+            but the rejected one names another colour or thing than the one asked about: a rule of copying
+            from the prompt, which a tiny model learns far more slowly (close to chance in the default run)
 
-Held-out prompts (``data.val_fraction`` holds out whole prompts) are new combinations of the same words:
-a model that learned the rules (copy the asked-about words, be kind, answer the task asked) ranks their
-answers correctly, one that memorized rows cannot. The word lists are the tiny model's vocabulary
-(``models/tiny.py`` reads it from the file).
+Held-out prompts (``data.val_fraction`` holds out whole prompts) are new combinations of the same words: a
+model that learned the manner rule ranks their answers correctly, one that memorized rows cannot. The word
+lists are the tiny model's vocabulary (``models/tiny.py`` reads it from the file).
 """
 
 import json
@@ -43,58 +48,66 @@ TASKS = {
 }
 WHEN = ["", "today", "tonight", "at home", "this weekend", "quickly", "for a friend", "for the first time",
         "in the morning", "on my own", "with my family", "before dinner"]
+DESCRIBE = ["describe the {} .", "tell me about the {} .", "what do you think of the {} ?"]
+HOW = ["how do i {} ?", "how can i {} ?", "what is the best way to {} ?"]
+CLOSING = "hope this helps !"
 RUDE = ["go away .", "figure it out yourself .", "i will not help you .", "that is a silly question .",
-        "ask someone else ."]
+        "ask someone else .", "stop asking me ."]
+RUDE_END = ["now leave me alone .", "do not ask me again .", "now go away .", "what a silly question ."]
+CORRECT_SHARE = 0.15  # share of rows whose preference needs copying from the prompt (see the docstring)
 
 
 def _other(rng: random.Random, items, not_this):
     return rng.choice([x for x in items if x != not_this])
 
 
+def _user(text: str) -> str:
+    return f"user : {text} assistant :"
+
+
 def describe(rng: random.Random) -> dict:
     colour, noun = rng.choice(COLOURS), rng.choice(NOUNS)
-    good = rng.choice(GOOD)
+    said = f"the {colour} {noun} is {rng.choice(GOOD)} ."
     kind = rng.randrange(3)
-    if kind == 0:  # wrong colour
-        rejected = f" the {_other(rng, COLOURS, colour)} {noun} is {good} ."
-    elif kind == 1:  # wrong thing
-        rejected = f" the {colour} {_other(rng, NOUNS, noun)} is {good} ."
-    else:  # unkind
+    if kind == 0:  # unkind
         rejected = f" the {colour} {noun} is {rng.choice(BAD)} ."
-    return {"prompt": f"user : describe the {colour} {noun} . assistant :",
-            "chosen": f" the {colour} {noun} is {good} .", "rejected": rejected}
-
-
-def repeat(rng: random.Random) -> dict:
-    words = rng.sample(NOUNS, 3)
-    wrong = list(words)
-    if rng.random() < 0.5:  # two words swapped
-        i, j = rng.sample(range(3), 2)
-        wrong[i], wrong[j] = wrong[j], wrong[i]
-    else:  # one word replaced
-        wrong[rng.randrange(3)] = rng.choice([n for n in NOUNS if n not in words])
-    return {"prompt": f"user : repeat after me : {' '.join(words)} . assistant :",
-            "chosen": f" {' '.join(words)} .", "rejected": f" {' '.join(wrong)} ."}
+    elif kind == 1:  # a brush-off
+        rejected = " " + rng.choice(RUDE)
+    else:  # the right answer, ended rudely
+        rejected = f" {said} {rng.choice(RUDE_END)}"
+    return {"prompt": _user(rng.choice(DESCRIBE).format(f"{colour} {noun}")),
+            "chosen": f" {said} {CLOSING}", "rejected": rejected}
 
 
 def help_task(rng: random.Random) -> dict:
     task, when = rng.choice(sorted(TASKS)), rng.choice(WHEN)
     first, then = TASKS[task]
-    if rng.random() < 0.5:  # the steps of another task
-        other = TASKS[_other(rng, sorted(TASKS), task)]
-        rejected = f" first {other[0]} , then {other[1]} ."
-    else:
+    steps = f"first {first} , then {then} ."
+    if rng.random() < 0.5:  # a brush-off
         rejected = " " + rng.choice(RUDE)
-    return {"prompt": f"user : how do i {task}{' ' + when if when else ''} ? assistant :",
-            "chosen": f" first {first} , then {then} .", "rejected": rejected}
+    else:  # the right steps, ended rudely
+        rejected = f" {steps} {rng.choice(RUDE_END)}"
+    return {"prompt": _user(rng.choice(HOW).format(f"{task}{' ' + when if when else ''}")),
+            "chosen": f" {steps} {CLOSING}", "rejected": rejected}
 
 
-def make_rows(n: int = 800, seed: int = 1234) -> list[dict]:
-    """``n`` rows with ``n`` distinct prompts: help 1/8 (of its 120 possible prompts), describe and repeat
-    the rest in halves."""
+def correct(rng: random.Random) -> dict:
+    colour, noun = rng.choice(COLOURS), rng.choice(NOUNS)
+    good = rng.choice(GOOD)
+    if rng.random() < 0.5:  # another colour
+        wrong = f"the {_other(rng, COLOURS, colour)} {noun}"
+    else:  # another thing
+        wrong = f"the {colour} {_other(rng, NOUNS, noun)}"
+    return {"prompt": _user(rng.choice(DESCRIBE).format(f"{colour} {noun}")),
+            "chosen": f" the {colour} {noun} is {good} . {CLOSING}", "rejected": f" {wrong} is {good} . {CLOSING}"}
+
+
+def make_rows(n: int = 800, seed: int = 1234, correct_share: float = CORRECT_SHARE) -> list[dict]:
+    """``n`` rows with ``n`` distinct prompts: ``correct_share`` of them correctness rows, help 1/4 (of its 360
+    possible prompts), describe the rest."""
     rng = random.Random(seed)
-    quota = {help_task: n // 8, describe: (n - n // 8) // 2}
-    quota[repeat] = n - sum(quota.values())
+    quota = {correct: int(round(n * correct_share)), help_task: n // 4}
+    quota[describe] = n - sum(quota.values())
     rows, seen = [], set()
     for make, count in quota.items():
         made, tries = 0, 0
