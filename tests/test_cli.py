@@ -81,9 +81,9 @@ def test_default_run_learns_and_logs_wandb_offline(tmp_path):
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("held-out reward accuracy"))
     before, after = float(line.split("before ")[1].split()[0]), float(line.split("after ")[1].split()[0])
     se = float(line.split("after ")[1].split()[2])
-    # held-out prompts are unseen in training (whole prompts held out): the tiny model beats chance by more than a
-    # standard error (0.583 ± 0.045 on 120 pairs), where the old leaky split printed 1.000 from memory
-    assert before < after and after - se > 0.5 and "120 held-out pairs" in line
+    # held-out prompts are unseen in training (whole prompts held out): the manner rule of the default data carries
+    # to them (0.958 ± 0.018 on 120 pairs; the misses are the copying-correctness pairs), so well above chance
+    assert before < after and after - 2 * se > 0.8 and "120 held-out pairs" in line
     assert "logging offline" in res.stderr + res.stdout
     assert "wandb sync " in res.stdout
     assert "tokens/s" in res.stdout
