@@ -3,6 +3,9 @@ record of its reference, ``save_pretrained`` into a temporary folder that is ren
 
     export_policy(trainer, module, tokenizer, out_dir)   every rank calls it (sharded weights are gathered)
     export_pretrained(model, tokenizer, out_dir)          one unwrapped model, atomically
+    export_module(module, out_dir)                        one call from a plain Lightning script: policy,
+                                                          tokenizer (loaded from the module's model when not
+                                                          given) and reference.json
 
 The folder loads with ``AutoModelForCausalLM.from_pretrained`` (a LoRA policy: its adapter, or merged with
 ``merge_adapters``) and carries ``reference.json`` (``reference/record.py``) for ``dpo-eval``.
@@ -11,7 +14,6 @@ The folder loads with ``AutoModelForCausalLM.from_pretrained`` (a LoRA policy: i
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as _LDeepSpeed
 from lightning.pytorch.strategies import FSDPStrategy as _LFSDP
 from lightning.pytorch.strategies import ModelParallelStrategy as _LModelParallel
 
-from dpo_lightning.files.atomic import atomic_write_json, replace_folder
+from dpo_lightning.files.atomic import atomic_write_json, honour_umask, replace_folder, temp_dir
 from dpo_lightning.models.peft import is_peft_model
 from dpo_lightning.reference.record import REFERENCE_FILE
 
@@ -112,6 +114,26 @@ def export_policy(trainer, module, tokenizer, out_dir: str | Path, *, merge_adap
 
 
 
+def export_module(module, out_dir: str | Path, tokenizer: Any = None, *, merge_adapters: bool = False) -> Path | None:
+    """Export a trained ``PreferenceLitModule`` in one call, as ``dpo-train`` does: the policy, its tokenizer
+    (``tokenizer``, or loaded from ``module.model_spec``) and ``reference.json``. After ``trainer.fit`` it goes
+    through the module's trainer (call it on every rank: sharded weights are gathered; rank 0 writes and gets
+    the folder, other ranks None); a module never attached to a trainer is saved as it is.
+
+        L.Trainer(...).fit(module, datamodule=data)
+        export_module(module, "my-policy")        # AutoModelForCausalLM / AutoTokenizer.from_pretrained("my-policy")
+    """
+    if tokenizer is None:
+        from dpo_lightning.models.hf import load_tokenizer
+
+        tokenizer = load_tokenizer(module.model_spec)
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None:
+        return export_policy(trainer, module, tokenizer, out_dir, merge_adapters=merge_adapters)
+    return export_pretrained(module.policy, tokenizer, out_dir, merge_adapters=merge_adapters,
+                             records={REFERENCE_FILE: module.reference.record()})
+
+
 def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: bool = False,
                       records: dict[str, Any] | None = None) -> Path:
     """``save_pretrained`` the policy (+ tokenizer) into ``out_dir`` atomically (temp folder + rename).
@@ -121,7 +143,7 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: 
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = temp_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     try:
         if merge_adapters and is_peft_model(model):
             import copy
@@ -136,6 +158,7 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: 
             tokenizer.save_pretrained(tmp)
         for name, data in (records or {}).items():
             atomic_write_json(tmp / name, data)
+        honour_umask(tmp)  # the weights file is written 0600 by save_pretrained: readable like any other file
         replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

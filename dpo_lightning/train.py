@@ -27,6 +27,7 @@ from dpo_lightning.cli.runtime import flatten, prepare_wandb, print_config_tree,
 from dpo_lightning.config.validate import ConfigError, validate_config
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.export import export_policy
+from dpo_lightning.models.hf import ModelLoadError
 from dpo_lightning.sweeps.hydra_callback import register_plugins, sweep_failures, sweep_job_info
 from dpo_lightning.sweeps.job import (
     JobInfo,
@@ -85,6 +86,7 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
         "val/rewards/accuracies (after)": _metric(after, "val/rewards/accuracies"),
         "val/loss (after)": _metric(after, "val/loss"),
         "steps": trainer.global_step,
+        "val_pairs": len(dm.val_rows) if has_val and getattr(dm.val_rows, "paired", False) else None,
     }
     for cb in objs["callbacks"]:
         if hasattr(cb, "summary"):
@@ -125,8 +127,12 @@ def _print_summary(summary: dict[str, Any], hint: str | None) -> None:
     Console().print(table)
     before, after = summary.get("val/rewards/accuracies (before)"), summary.get("val/rewards/accuracies (after)")
     if after is not None:
-        print(f"held-out reward accuracy: before {before if before is None else f'{before:.3f}'} "
-              f"-> after {after:.3f}")
+        n = summary.get("val_pairs")
+
+        def fmt(p):  # ± one binomial standard error over the held-out pairs
+            return "n/a" if p is None else f"{p:.3f}" + (f" ± {(p * (1 - p) / n) ** 0.5:.3f}" if n else "")
+        print(f"held-out reward accuracy: before {fmt(before)} -> after {fmt(after)}"
+              + (f" ({n} held-out pairs; chance 0.5, a tie counts as wrong)" if n else ""))
     if "train/tokens_per_sec" in summary:
         print(f"training throughput: {summary['train/tokens_per_sec']:.0f} tokens/s, "
               f"{summary['train/pairs_per_sec']:.1f} pairs/s")
@@ -145,7 +151,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return None if summary is None else summary.get("val/rewards/accuracies (after)")
     try:
         summary = train(cfg)
-    except (DataError, ConfigError, FileNotFoundError, NonFiniteError) as err:
+    except (DataError, ConfigError, FileNotFoundError, NonFiniteError, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return summary.get("val/rewards/accuracies (after)")  # the sweep objective

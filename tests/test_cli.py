@@ -72,15 +72,18 @@ def test_eval_writes_json(trained, tmp_path):
 
 
 def test_default_run_learns_and_logs_wandb_offline(tmp_path):
-    """`dpo-train` with no arguments (only the run folder moved): held-out accuracy >= 0.75, W&B offline."""
+    """`dpo-train` with no arguments (only the run folder moved): held-out accuracy above chance, W&B offline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     env["HOME"] = str(tmp_path)  # no ~/.netrc, no W&B settings
     res = subprocess.run([str(Path(sys.executable).parent / "dpo-train"), f"paths.log_dir={tmp_path}"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("held-out reward accuracy"))
-    before, after = float(line.split("before ")[1].split()[0]), float(line.split("after ")[1])
-    assert before < 0.75 <= after
+    before, after = float(line.split("before ")[1].split()[0]), float(line.split("after ")[1].split()[0])
+    se = float(line.split("after ")[1].split()[2])
+    # held-out prompts are unseen in training (whole prompts held out): the manner rule of the default data carries
+    # to them (0.958 ± 0.018 on 120 pairs; the misses are the copying-correctness pairs), so well above chance
+    assert before < after and after - 2 * se > 0.8 and "120 held-out pairs" in line
     assert "logging offline" in res.stderr + res.stdout
     assert "wandb sync " in res.stdout
     assert "tokens/s" in res.stdout

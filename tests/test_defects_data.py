@@ -8,7 +8,7 @@ import pytest
 from dpo_lightning.data.formats import DataError, normalize
 from dpo_lightning.data.tokenize import TruncationConfig, tokenize_records, truncate
 
-PROMPT = [162, 21, 84, 10, 27, 21]  # "user : hi . assistant :" (ids of the tiny tokenizer, see test_tokenize.py)
+PROMPT = [223, 21, 116, 10, 31, 21]  # "user : hi . assistant :" (ids of the tiny tokenizer, see test_tokenize.py)
 LONG = list(range(100, 112))  # a completion longer than the room max_length leaves
 
 

@@ -82,7 +82,7 @@ def export(tmp_path_factory, tiny_path):
 
 def test_eval_of_an_export_uses_the_reference_it_records(tmp_path, tiny_path, export, data, capsys):
     record = json.loads((export / "reference.json").read_text())
-    assert record["name_or_path"] == str(Path(tiny_path).resolve()) and record["mode"] == "copy"
+    assert record["name_or_path"] == str(Path(tiny_path).resolve()) and record["training_reference"] == "frozen_initial_weights"
     report = _eval(tmp_path, f"model.name_or_path={export}", f"data.path={data}")
     assert report["reference"] == str(Path(tiny_path).resolve()) and "reference.json" in capsys.readouterr().out
     assert report["metrics"]["val/rewards/chosen"] != 0.0  # against itself every reward would be 0

@@ -116,9 +116,9 @@ def test_separate_model_in_another_dtype_and_its_record(tiny_path):
     assert ref.mode is Mode.MODEL and ref.dtype == "bfloat16"
     assert next(ref.parameters()).dtype == torch.bfloat16
     record = ref.record()
-    assert record["mode"] == "model" and record["loss"] == "ipo" and record["dtype"] == "bfloat16"
-    assert type(record["mode"]) is str and record["revision"] is None
-    assert PreferenceLitModule(str(tiny_path), loss="simpo").reference.record()["mode"] == "none"
+    assert record["training_reference"] == "separate_model" and record["loss"] == "ipo" and record["dtype"] == "bfloat16"
+    assert type(record["training_reference"]) is str and record["revision"] is None
+    assert PreferenceLitModule(str(tiny_path), loss="simpo").reference.record()["training_reference"] == "none"
 
 
 def test_checkpoint_drops_a_frozen_reference_and_keeps_a_moving_one(tiny_path):

@@ -12,7 +12,8 @@ from dpo_lightning.data.formats import DataError
 from dpo_lightning.data.tokenize import TruncationConfig
 from dpo_lightning.data.validate import DataValidator, check_policies
 
-OK = {"prompt": "the cat sat on", "chosen": "the mat", "rejected": "the dog"}
+# completions start with a space: "on" is a word of the tiny vocabulary, "onthe" is not (a boundary mismatch)
+OK = {"prompt": "the cat sat on", "chosen": " the mat", "rejected": " the dog"}
 # (row, reason) for every reason; the tiny word-level tokenizer splits on whitespace and punctuation.
 CASES = [
     ({"prompt": "the cat", "chosen": "the mat"}, "missing_field"),

@@ -100,7 +100,7 @@ def test_a_source_whose_first_rows_are_unreadable_learns_its_kind_further_on(tok
                                     for k in range(5)] + [_clean(1)[0]]
     path = tmp_path / "kto.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    v = DataValidator({"missing_field": "drop", "mixed_formats": "drop"})
+    v = DataValidator({"missing_field": "drop", "mixed_formats": "drop", "duplicate_pair": "keep"})  # rows repeat
     got, _, _ = cache.tokenize_source(str(path), "train", tokenizer, CFG, validator=v, num_proc=2,
                                       cache_dir=tmp_path / "c", progress=False)
     assert [r["index"] for r in got] == [5, 6, 7, 8, 9] and not got.paired

@@ -110,7 +110,7 @@ def _jsonl_tasks(path: Path, rows: int | None = None) -> Iterator[tuple[str, int
     rows = rows or CHUNK_ROWS
     opener = gzip.open if path.suffix == ".gz" else open
     chunk, start = [], 0
-    with opener(path, "rt", encoding="utf-8") as fh:
+    with opener(path, "rt", encoding="utf-8-sig") as fh:  # a byte-order mark (Windows tools) is not data
         for n, line in enumerate(fh, start=1):
             if line.strip():
                 chunk.append((n, line))

@@ -184,6 +184,13 @@ class TokenRows(Sequence):
         off = self._store["arrays"][f"{field}_off"]
         return np.asarray(off[self._pos + 1] - off[self._pos])
 
+    def prompt_bytes(self):
+        """Each row's prompt ids as bytes (little-endian int32), in row order: a key for grouping by prompt."""
+        a = self._store["arrays"]
+        prompt, off = a["prompt"], a["prompt_off"]
+        for p in self._pos.tolist():
+            yield np.asarray(prompt[off[p]:off[p + 1]], dtype="<i4").tobytes()
+
     def set_column(self, name: str, values) -> None:
         """A per-row value (e.g. a cached reference log-prob) that every row dict then carries."""
         values = np.asarray(values)

@@ -14,7 +14,7 @@ parallel processes (the ranks of a node, sweep jobs, SLURM arrays on a shared fi
 one builds, the others wait, then read it. Entries appear whole or not at all (a temp name beside the entry,
 then a rename), so a reader never needs the lock. The lock file stays beside the entry (deleting it would race).
 
-No import of the rest of the package: every layer may use this module.
+It imports only ``files.atomic`` (the umask-honouring temp files): every layer may use it.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from dpo_lightning.files.atomic import honour_umask, temp_dir, temp_file
 
 ENV = "DPO_LIGHTNING_CACHE"  # overrides the default root ~/.cache/dpo_lightning
 
@@ -83,7 +84,7 @@ def publish_file(path: str | Path, write: Callable[[str], None], *, suffix: str 
     which is then renamed over ``path``; on any error the temp file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)
+    fd, tmp = temp_file(path.parent, prefix=".tmp-", suffix=suffix)  # the umask's mode, not 0600
     os.close(fd)
     try:
         write(tmp)
@@ -98,12 +99,14 @@ def staging_folder(entry: str | Path) -> Path:
     """A new empty temp folder beside ``entry`` (``.tmp-*``) to build an entry folder in."""
     entry = Path(entry)
     entry.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
+    return temp_dir(entry.parent, prefix=".tmp-")  # the umask's mode: a shared cache stays shared
 
 
 def publish_folder(tmp: Path, entry: Path, *, complete: Callable[[Path], bool]) -> Path:
     """Rename the finished folder ``tmp`` to ``entry`` (atomic). When another process published the same entry
-    first (``complete(entry)``: the same content), keep theirs and remove ``tmp``; otherwise the error stands."""
+    first (``complete(entry)``: the same content), keep theirs and remove ``tmp``; otherwise the error stands.
+    Files that libraries wrote privately (``save_pretrained``'s 0600 weights) get the umask's mode first."""
+    honour_umask(tmp)
     try:
         os.rename(tmp, entry)
     except OSError:

@@ -32,13 +32,14 @@ def cache_root() -> Path:
 
 
 def default_vocab() -> list[str]:
-    """Special tokens, then every word of the embedded dataset, then letters, digits and punctuation."""
+    """Special tokens, then every word of the embedded dataset, a few greetings, letters, digits and punctuation."""
     words: set[str] = set()
     text = resources.files("dpo_lightning.assets").joinpath("default_prefs.jsonl").read_text()
     for line in text.splitlines():
         for value in json.loads(line).values():
             words.update(str(value).split())
     words.update("user assistant system human : ? ! . , ' - ( ) 0 1 2 3 4 5 6 7 8 9".split())
+    words.update("hello hi hey good what can may".split())  # greetings for examples and tests (``hi . -> hello !``)
     words.update("abcdefghijklmnopqrstuvwxyz")
     return SPECIALS + sorted(words - set(SPECIALS))
 
