@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import SCRIPTS, script_env
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -279,29 +279,6 @@ def test_slurm_launcher_composes():
 
 
 # ------------------------------------------------------------------ FSDP / FSDP2 on CPU processes
-RUN_SHARDED = '''
-"""build + fit + export without validate_config (which refuses FSDP on CPU): test only."""
-import json, sys
-import lightning as L
-from dpo_lightning.cli.locate import compose
-from dpo_lightning.export import export_policy
-from dpo_lightning.train import build
-
-cfg = compose("train", sys.argv[1:])
-L.seed_everything(cfg.seed, workers=True)
-objs = build(cfg)
-module, dm, trainer = objs["module"], objs["datamodule"], objs["trainer"]
-dm.setup("fit")
-if cfg.get("eval_before"):  # as dpo-train does: validate (sets the strategy up once), then fit (again)
-    trainer.validate(module, datamodule=dm, verbose=False)
-trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
-val = trainer.validate(module, datamodule=dm, verbose=False)
-out = export_policy(trainer, module, dm.tokenizer, f"{cfg.paths.output_dir}/export")
-if trainer.is_global_zero:
-    print("RESULT " + json.dumps({"steps": trainer.global_step, "val": val[0]["val/loss"],
-                                  "full_logits": module.full_logits, "strategy": type(trainer.strategy).__name__,
-                                  "version": module.reference_version}))
-'''
 SHARDED_COMMON = [
     "logger=csv", "print_config=false", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
     "trainer.gradient_clip_val=null", "scheduler=constant", "scheduler.warmup_ratio=0.0", "optimizer.lr=1e-2",
@@ -313,8 +290,7 @@ SHARDED_COMMON = [
 def _run_sharded(script: Path, out: Path, *overrides: str) -> dict:
     try:
         res = subprocess.run([sys.executable, str(script), *SHARDED_COMMON, f"paths.output_dir={out}", *overrides],
-                             capture_output=True, text=True, timeout=300, cwd=script.parent,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                             capture_output=True, text=True, timeout=300, cwd=out.parent, env=script_env())
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"sharded run did not finish in 300s (a hang?):\n{(err.stderr or b'')[-3000:]}")
     assert res.returncode == 0, res.stderr[-4000:]
@@ -336,8 +312,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def sharded_script(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded")
-    script = root / "run_sharded.py"
-    script.write_text(RUN_SHARDED)
+    script = SCRIPTS / "run_sharded.py"
     single = _run_sharded(script, root / "single", "trainer.devices=1", "data.batch_size=8", "trainer.max_steps=4",
                           "eval_before=true")
     return script, root / "single", single

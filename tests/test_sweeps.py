@@ -144,11 +144,12 @@ def test_report_from_folder_ranks_plots_and_handles_running_jobs(tmp_path):
 # ------------------------------------------------------------------ one reference pass, parallel processes
 def _parallel_worker(tiny_path: str, cache_dir: str, barrier, results) -> None:
     """One 'sweep job' computing the same reference values as the other, started at the same moment."""
+    from helpers import rows_of
+
     from dpo_lightning.data.collate import PreferenceCollator
     from dpo_lightning.data.datamodule import tokenizer_fingerprint
     from dpo_lightning.models.hf import ModelSpec, load_causal_lm, load_tokenizer
     from dpo_lightning.reference.cache import cached_reference_logps, weights_fingerprint
-    from tests.test_reference_cache import rows_of
 
     torch.set_num_threads(1)
     model, tok = load_causal_lm(ModelSpec(tiny_path)), load_tokenizer(ModelSpec(tiny_path))
