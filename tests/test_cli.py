@@ -14,6 +14,8 @@ import yaml
 FAST = ["logger=csv", "trainer.max_steps=12", "trainer.val_check_interval=6", "data.batch_size=8",
         "optimizer.lr=1e-3", "print_config=false"]
 
+pytestmark = pytest.mark.subprocess  # every test runs dpo-train / dpo-eval as a user does
+
 
 def run(module: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", f"dpo_lightning.{module}", *args], capture_output=True,

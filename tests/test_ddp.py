@@ -15,6 +15,8 @@ from helpers import script_env
 
 TIMEOUT = 240  # seconds per run; a desynchronized DDP run would hang in a collective instead of finishing
 
+pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]
+
 COMMON = [
     "logger=csv", "callbacks=none", "print_config=false", "eval_before=false",
     "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "trainer.val_check_interval=1000",

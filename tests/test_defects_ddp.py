@@ -60,6 +60,8 @@ def _val_metrics(out) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_kto_trains_under_ddp_on_two_cpu_processes(tmp_path):
     """`dpo-train loss=kto strategy=ddp trainer.devices=2 trainer.accelerator=cpu` on the embedded default."""
     res = _train(tmp_path, "loss=kto", "strategy=ddp", "trainer.devices=2", "eval_before=false")

@@ -98,6 +98,7 @@ def test_export_renames_the_old_export_aside_until_the_new_one_is_in(tmp_path, m
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_process_killed_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path):
     from helpers import run_script
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save

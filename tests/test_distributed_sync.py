@@ -15,6 +15,8 @@ from helpers import SCRIPTS, script_env
 
 TIMEOUT = 300
 
+pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]
+
 @pytest.mark.slow
 def test_ddp_sync_is_exact_on_every_rank_and_generation_is_gathered(tmp_path):
     out, checks = tmp_path / "run", tmp_path / "checks"

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("datasets", "pyarrow", "pandas", "tensorboard", "tensorboardX", "wandb", "scipy", "sklearn")
 
 
+@pytest.mark.subprocess
 def test_entry_points_and_cached_data_import_no_heavy_optional_module(default_data_path, tiny_path, tmp_path):
     """``dpo-train``'s module, the callbacks, and the data path of a run (read, tokenize in one process, cache
     hit) load none of them: ``datasets`` only tokenizes with ``num_proc`` > 1, loggers import their library
@@ -122,6 +123,7 @@ def test_adamw_is_fused_by_default_and_matches_the_unfused_update():
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_memory_floor_script_measures_a_real_dpo_train(shared_data):
     """scripts/memory_floor.py on the tiny shape: a user's dpo-train run (warm cache) and its phase account."""
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "memory_floor.py"), "--shape", "tiny",

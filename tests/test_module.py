@@ -95,6 +95,7 @@ def test_three_steps_move_every_policy_param_and_no_reference_param(module, defa
         assert torch.equal(v, ref0[k]), f"reference parameter {k} changed"
 
 
+@pytest.mark.subprocess
 def test_plain_lightning_without_hydra(default_data_path, tiny_path):
     """The module and data module train with a plain lightning.Trainer while hydra cannot be imported."""
     out = run_script("train_without_hydra.py", str(tiny_path), default_data_path, timeout=300)

@@ -82,6 +82,8 @@ def test_guard_settings_are_checked():
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_ddp_nan_on_one_rank_skips_on_both_and_stops_after_k(tmp_path):
     """2 CPU processes, accumulation 2. Rank 1 alone gets a NaN in micro-batch 1 (step 0), then in every micro-batch
     from 4 on (steps 2, 3): step 0 is skipped on both ranks, step 1 trains, steps 2 and 3 are skipped and the run

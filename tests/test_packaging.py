@@ -7,9 +7,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from helpers import SCRIPTS
 
 REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.subprocess  # pip wheel, then Python on the unpacked wheel
 
 
 def test_wheel_carries_configs_and_runs_from_site_packages(tmp_path):

@@ -14,6 +14,7 @@ from helpers import run_script
 from dpo_lightning import PreferenceDataModule, PreferenceLitModule, get_loss
 
 
+@pytest.mark.subprocess
 def test_plain_script_with_own_callback_and_logger_kto_without_paired(tiny_path, default_data_path, tmp_path):
     """tests/scripts/user_lightning_kto.py: a user's own Lightning script, own callback and logger, no Hydra."""
     res = run_script("user_lightning_kto.py", str(tiny_path), default_data_path, str(tmp_path), timeout=300)

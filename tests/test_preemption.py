@@ -68,7 +68,9 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "export" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["single", "ddp"])
+@pytest.mark.subprocess
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=[pytest.mark.slow, pytest.mark.distributed])],
+                         ids=["single", "ddp"])
 def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, ranks):
     env = _env(tmp_path)
     setup = ["data.batch_size=4"] if ranks == 1 else ["strategy=ddp", "trainer.devices=2", "data.batch_size=2"]
@@ -90,6 +92,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, ranks):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_slurm_requeue_signal_saves_requeues_and_exits(tmp_path):
     """Under SLURM (environment of a 1-task job) SIGUSR1 saves the checkpoint at the next step and runs
     `scontrol requeue <job id>` (a stand-in scontrol on PATH records its arguments)."""

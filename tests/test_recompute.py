@@ -64,6 +64,7 @@ def test_same_numbers_with_lora(dropout):
         assert torch.equal(got[1][k], ref[1][k]), k
 
 
+@pytest.mark.subprocess
 def test_keeps_less_memory():
     """Activation memory after the forward (RSS with big blocks returned on free): under 70% of plain (~59% here)."""
     from helpers import run_script

@@ -136,6 +136,7 @@ def test_double_activation_checkpointing_is_refused(gpu):
                          "++engine.gradient_checkpointing=true"))
 
 
+@pytest.mark.subprocess
 def test_cli_refuses_fsdp_on_cpu_before_loading_anything(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dpo_lightning.train", "strategy=fsdp", "trainer.accelerator=cpu",
                           f"paths.output_dir={tmp_path}", "logger=csv"],
@@ -319,6 +320,8 @@ def sharded_script(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,atol_w", [("fsdp", 1e-4), ("fsdp2", 5e-4)])
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_sharded_strategy_on_cpu_matches_one_process(name, atol_w, sharded_script, tmp_path):
     """2 CPU processes (gloo), decoder layers sharded and checkpointed, frozen reference sharded too: the loss
     of every step and the gathered export equal one process with the same global batch. FSDP1 keeps the
@@ -341,6 +344,8 @@ def test_sharded_strategy_on_cpu_matches_one_process(name, atol_w, sharded_scrip
         assert diff <= atol_w, f"{k}: {name} and one process differ by {diff}"
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_fsdp_sharded_checkpoint_resumes_exactly_without_the_reference(sharded_script, tmp_path):
     """Sharded checkpoints leave the frozen reference out; resuming loads the rest and matches a straight run."""
     script, _, _ = sharded_script
@@ -357,6 +362,8 @@ def test_fsdp_sharded_checkpoint_resumes_exactly_without_the_reference(sharded_s
         assert diff <= 1e-5, f"{k}: resumed and straight runs differ by {diff}"
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_fsdp_with_lora_matches_one_process(sharded_script, tmp_path):
     """LoRA under FSDP: mixed frozen/trainable units, the reference = the sharded policy with adapters
     disabled; losses and the gathered adapter export equal one process."""

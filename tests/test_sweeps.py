@@ -67,6 +67,7 @@ def offline_run(folder: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_grid_sweep_four_wandb_runs_one_group_report_and_one_reference_pass(tmp_path):
     """`dpo-train -m loss=sigmoid,ipo loss.beta=0.1,0.5` without W&B credentials."""
     res, sweep = multirun(tmp_path, "loss=sigmoid,ipo", "loss.beta=0.1,0.5")
@@ -92,6 +93,7 @@ def test_grid_sweep_four_wandb_runs_one_group_report_and_one_reference_pass(tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     res, sweep = multirun(tmp_path, "logger=csv", "loss.label_smoothing=0.0,0.7,0.1")
     assert res.returncode == 1  # the sweep finished, but not every job did
@@ -167,6 +169,7 @@ def _parallel_worker(tiny_path: str, cache_dir: str, barrier, results) -> None:
     results.put(info["hit"])
 
 
+@pytest.mark.distributed  # two spawned processes
 def test_two_parallel_processes_do_one_reference_pass(tiny_path, tmp_path):
     import multiprocessing as mp
 
@@ -203,6 +206,7 @@ def test_optuna_search_spaces_parse_from_hydra_grammar():
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_optuna_three_trials_on_the_embedded_default(tmp_path):
     pytest.importorskip("optuna")
     res, sweep = multirun(tmp_path, "hparams_search=optuna_beta", "hydra.sweeper.n_trials=3", "logger=csv")

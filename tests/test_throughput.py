@@ -87,6 +87,8 @@ def test_logs_figures_flops_and_summary(tmp_path, tiny_path, default_data_path):
 
 
 @pytest.mark.slow  # two processes on a 2-core machine: ~30 s idle
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_ddp_two_processes_sum_the_ranks(tmp_path):
     """gloo, 2 processes, the CLI: the logged totals are both ranks' pairs and tokens."""
     out = tmp_path / "run"
