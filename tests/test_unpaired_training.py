@@ -1,5 +1,5 @@
-"""Issue 12, defects 1-2: KTO/BCO train with the default callbacks on natively unpaired data, and KTO trains
-under DDP: the two rows of a split pair share a rank and a batch, and no rank gets a one-row KTO batch."""
+"""Unpaired losses (KTO/BCO): they train with the default callbacks on natively unpaired data (the best checkpoint
+follows val/loss there, reward accuracy where the rows come from pairs), and under DDP: the two rows of a split pair share a rank and a batch, and no rank gets a one-row KTO batch."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Issue 12, defects 3, 5, 11, 12: resume under DeepSpeed, the export's reference record, atomic saves of
-checkpoint folders and exports, and cache/checkpoint files that load without running pickled code."""
+"""Files a run writes and reads back: resume from a DeepSpeed client state, reference caches as safetensors and
+checkpoints that load without running pickled code, an export that survives a failed replacement, and a sharded
+checkpoint whose save is killed half-way leaving the previous one whole."""
 
 from __future__ import annotations
 
