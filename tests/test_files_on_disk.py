@@ -44,7 +44,7 @@ def test_resume_from_a_deepspeed_client_state(module):
 def test_reference_cache_is_safetensors_and_a_planted_pickle_never_runs(tmp_path):
     from safetensors.torch import load_file
 
-    from dpo_lightning.reference.spec import cache as rc
+    from dpo_lightning.reference import cache as rc
 
     values = {"ref_chosen_logps": torch.tensor([-1.0, -2.0]), "ref_rejected_logps": torch.tensor([-3.0, -4.0])}
     path = tmp_path / "reference" / "key.safetensors"

@@ -48,7 +48,7 @@ def test_cached_values_give_the_live_reference_inputs(policy, tokenizer, ld_alph
 
 def test_cache_is_reused_and_invalidated_by_tokenizer_truncation_and_weights(policy, tokenizer, tmp_path,
                                                                            monkeypatch):
-    from dpo_lightning.reference.spec import cache as reference_cache
+    from dpo_lightning.reference import cache as reference_cache
 
     rows = rows_of(tokenizer)
     collator = PreferenceCollator(tokenizer.pad_token_id, layout="prefix_shared")
@@ -85,7 +85,7 @@ def test_cache_is_reused_and_invalidated_by_tokenizer_truncation_and_weights(pol
 def test_precompute_in_training_reuses_cache_and_frees_the_reference(tiny_path, default_data_path, tmp_path,
                                                                      monkeypatch):
     """reference.precompute: computed once in setup (no reference copy), reused by a second run."""
-    from dpo_lightning.reference.spec import cache as reference_cache
+    from dpo_lightning.reference import cache as reference_cache
 
     def run():
         module = PreferenceLitModule(str(tiny_path), loss=get_loss("sigmoid", beta=0.1, ld_alpha=0.5),
