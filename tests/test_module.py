@@ -6,7 +6,6 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_script
 
 from dpo_lightning import ModelSpec, PreferenceDataModule, PreferenceLitModule, get_loss
 from dpo_lightning.data.collate import PreferenceCollator
@@ -93,14 +92,6 @@ def test_three_steps_move_every_policy_param_and_no_reference_param(module, defa
         assert not torch.equal(v, policy0[k]), f"policy parameter {k} did not change"
     for k, v in module.reference.named_parameters():
         assert torch.equal(v, ref0[k]), f"reference parameter {k} changed"
-
-
-@pytest.mark.subprocess
-def test_plain_lightning_without_hydra(default_data_path, tiny_path):
-    """The module and data module train with a plain lightning.Trainer while hydra cannot be imported."""
-    out = run_script("train_without_hydra.py", str(tiny_path), default_data_path, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "OK 4" in out.stdout
 
 
 def test_resume_from_checkpoint_continues(module, default_data_path, tmp_path):

@@ -14,13 +14,27 @@ from helpers import run_script
 from dpo_lightning import PreferenceDataModule, PreferenceLitModule, get_loss
 
 
+@pytest.fixture(scope="module")
+def user_scripts(tiny_path, default_data_path, tmp_path_factory):
+    """tests/scripts/train_without_hydra.py, then user_lightning_kto.py, in one process (one interpreter start)."""
+    out = tmp_path_factory.mktemp("user")
+    return run_script("run_in_one_process.py", "train_without_hydra.py", str(tiny_path), default_data_path, "--",
+                      "user_lightning_kto.py", str(tiny_path), default_data_path, str(out), timeout=400)
+
+
 @pytest.mark.subprocess
-def test_plain_script_with_own_callback_and_logger_kto_without_paired(tiny_path, default_data_path, tmp_path):
-    """tests/scripts/user_lightning_kto.py: a user's own Lightning script, own callback and logger, no Hydra."""
-    res = run_script("user_lightning_kto.py", str(tiny_path), default_data_path, str(tmp_path), timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "\nOK 3 12 " in res.stdout  # 3 steps x 4 rows, all through the user's callback
-    assert "in eval mode" not in res.stderr
+def test_plain_lightning_without_hydra(user_scripts):
+    """The module and data module train with a plain lightning.Trainer while hydra cannot be imported."""
+    assert user_scripts.returncode == 0, user_scripts.stderr[-3000:]
+    assert "\nOK 4 " in "\n" + user_scripts.stdout
+
+
+@pytest.mark.subprocess
+def test_plain_script_with_own_callback_and_logger_kto_without_paired(user_scripts):
+    """A user's own Lightning script, own callback and CSV logger, no Hydra, KTO without ``paired=``."""
+    assert user_scripts.returncode == 0, user_scripts.stderr[-3000:]
+    assert "\nOK 3 12 " in user_scripts.stdout  # 3 steps x 4 rows, all through the user's callback
+    assert "in eval mode" not in user_scripts.stderr
 
 
 def _fit_one_step(module, data, tiny):
