@@ -27,10 +27,10 @@ setup: $(BIN)/dpo-train  ## create .venv and install torch + the package with it
 run: setup  ## set up, then train on the embedded default (tiny model, synthetic pairs, CPU, < 3 min)
 	$(BIN)/dpo-train
 
-test: setup  ## the whole suite, every tier (what CI runs; ~15 min on 2 cores)
+test: setup  ## the whole suite, every tier: what CI runs (target: 15 min on 2 cores)
 	$(BIN)/pytest -q
 
-test-fast: setup  ## in-process tests only, after each change (~4 min on 2 cores): no slow/distributed/subprocess
+test-fast: setup  ## in-process tests only, after each change (target: 4 min on 2 cores): no slow/distributed/subprocess
 	$(BIN)/pytest -q -m "not slow and not distributed and not subprocess"
 
 lint: setup  ## ruff (pyflakes and friends)
