@@ -1,4 +1,4 @@
-"""Issue 10 part 5: tokenized rows as flat memory-mapped arrays, tokenized in worker processes.
+"""The tokenized-data store: rows as flat memory-mapped arrays, tokenized in worker processes.
 
 Exactness: whatever the chunking and the number of processes, the rows read back from the cache equal
 ``tokenize_records`` (TRL's semantics) row for row, and every view (held-out split, units, lengths) equals

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 from arch_families import build
-from test_logprobs import V, make_rows, run
+from helpers import V, make_rows, run
 
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.engine.logprobs import sequence_logps

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import rows_of
 
 from dpo_lightning import PreferenceDataModule, PreferenceLitModule, get_loss
 from dpo_lightning.data.collate import PreferenceCollator
@@ -22,18 +23,6 @@ from dpo_lightning.reference.cache import (
     weights_fingerprint,
 )
 from dpo_lightning.training.inputs import build_inputs
-
-
-def rows_of(tokenizer, n=6):
-    g = torch.Generator().manual_seed(0)
-    V = len(tokenizer)
-
-    def r(k):
-        return torch.randint(4, V, (k,), generator=g).tolist()
-
-    lens = [(1, 1, 5), (7, 9, 2), (3, 4, 4), (2, 1, 1), (5, 6, 3), (4, 2, 8)]
-    return [{"index": i, "prompt_ids": r(p), "chosen_ids": r(c), "rejected_ids": r(x)}
-            for i, (p, c, x) in enumerate(lens[:n])]
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,7 @@ def offline_run(folder: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_grid_sweep_four_wandb_runs_one_group_report_and_one_reference_pass(tmp_path):
     """`dpo-train -m loss=sigmoid,ipo loss.beta=0.1,0.5` without W&B credentials."""
     res, sweep = multirun(tmp_path, "loss=sigmoid,ipo", "loss.beta=0.1,0.5")
@@ -92,6 +93,7 @@ def test_grid_sweep_four_wandb_runs_one_group_report_and_one_reference_pass(tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     res, sweep = multirun(tmp_path, "logger=csv", "loss.label_smoothing=0.0,0.7,0.1")
     assert res.returncode == 1  # the sweep finished, but not every job did
@@ -144,11 +146,12 @@ def test_report_from_folder_ranks_plots_and_handles_running_jobs(tmp_path):
 # ------------------------------------------------------------------ one reference pass, parallel processes
 def _parallel_worker(tiny_path: str, cache_dir: str, barrier, results) -> None:
     """One 'sweep job' computing the same reference values as the other, started at the same moment."""
+    from helpers import rows_of
+
     from dpo_lightning.data.collate import PreferenceCollator
     from dpo_lightning.data.datamodule import tokenizer_fingerprint
     from dpo_lightning.models.hf import ModelSpec, load_causal_lm, load_tokenizer
     from dpo_lightning.reference.cache import cached_reference_logps, weights_fingerprint
-    from tests.test_reference_cache import rows_of
 
     torch.set_num_threads(1)
     model, tok = load_causal_lm(ModelSpec(tiny_path)), load_tokenizer(ModelSpec(tiny_path))
@@ -166,6 +169,7 @@ def _parallel_worker(tiny_path: str, cache_dir: str, barrier, results) -> None:
     results.put(info["hit"])
 
 
+@pytest.mark.distributed  # two spawned processes
 def test_two_parallel_processes_do_one_reference_pass(tiny_path, tmp_path):
     import multiprocessing as mp
 
@@ -202,6 +206,7 @@ def test_optuna_search_spaces_parse_from_hydra_grammar():
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_optuna_three_trials_on_the_embedded_default(tmp_path):
     pytest.importorskip("optuna")
     res, sweep = multirun(tmp_path, "hparams_search=optuna_beta", "hydra.sweeper.n_trials=3", "logger=csv")

@@ -52,6 +52,18 @@ def test_truncation_modes(cfg, expected):
     assert truncate(PROMPT, [CHOSEN, REJECTED], cfg) == expected
 
 
+LONG = list(range(100, 112))  # a completion longer than the room max_length leaves
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_a_completion_longer_than_the_room_keeps_its_beginning(mode):
+    prompt, (chosen, rejected) = truncate(PROMPT, [LONG, [7, 8]], TruncationConfig(max_length=8, truncation_mode=mode))
+    assert chosen == LONG[: 8 - len(prompt)]  # the tokens that follow the prompt, never the tail
+    assert rejected == [7, 8] and len(prompt) + len(chosen) <= 8
+    if mode == "keep_end":
+        assert prompt == PROMPT[-len(prompt):]  # keep_end still keeps the prompt's end
+
+
 def test_dropped_rows_are_counted(tokenizer):
     recs = [{"prompt": "user : hi . assistant :", "chosen": " hello !", "rejected": " go away ."},
             {"prompt": "user : hi . hi . hi . assistant :", "chosen": " hello !", "rejected": " go ."}]

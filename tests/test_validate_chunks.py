@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import VALIDATION_CASES as CASES
 
 from dpo_lightning.data import cache
 from dpo_lightning.data.formats import DataError, pairs_to_unpaired
 from dpo_lightning.data.tokenize import TruncationConfig, tokenize_records
 from dpo_lightning.data.validate import DataValidator
-from tests.test_validate import CASES
 
 CFG = TruncationConfig(max_length=16)
 WORDS = ["mat", "dog", "hat", "log", "sat", "on", "cat", "the"]

@@ -1,4 +1,4 @@
-"""Issue 12, defects 4-6: dpo-eval evaluates the trained adapter (peft.adapter_path), scores an export
+"""dpo-eval (``evaluate``, in process) evaluates the trained adapter (peft.adapter_path), scores an export
 against the reference it was trained with (reference.json), and reads every row of the file it is given."""
 
 from __future__ import annotations
