@@ -24,7 +24,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dpo_lightning.callbacks.preemption import PreemptionCheckpoint, resolve_ckpt_path
 from dpo_lightning.cli.locate import config_dir
-from dpo_lightning.cli.runtime import flatten, prepare_wandb, print_config_tree, save_config, wandb_sync_hint
+from dpo_lightning.cli.runtime import (
+    config_summary,
+    flatten,
+    prepare_wandb,
+    print_config_tree,
+    save_config,
+    wandb_sync_hint,
+)
 from dpo_lightning.config.validate import ConfigError, validate_config
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.export import export_policy
@@ -93,9 +100,11 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
     validate_config(cfg)  # invalid combinations fail here, before any model loads
     L.seed_everything(cfg.seed, workers=True)
     notice = prepare_wandb(cfg.get("logger"))
+    save_config(cfg, f"{cfg.paths.output_dir}/config.yaml")
     if cfg.get("print_config"):
         print_config_tree(cfg)
-    save_config(cfg, f"{cfg.paths.output_dir}/config.yaml")
+    else:  # one line; the whole config is in the run folder (or: print_config=true, dpo-train --cfg job)
+        print(config_summary(cfg, f"{cfg.paths.output_dir}/config.yaml"))
     if notice:
         log.warning(notice)
     objs = build(cfg)
@@ -145,15 +154,13 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any], hint: str | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="dpo-train summary", show_header=False)
-    for k, v in summary.items():
-        if isinstance(v, dict) or k in ("reference_passes", "wandb_run_id"):
-            continue
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console().print(table)
+    """The run's summary as plain ``key  value`` lines: paths are printed whole (no table cell to cut them)."""
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in summary.items()
+            if not isinstance(v, dict) and k not in ("reference_passes", "wandb_run_id")]
+    width = max((len(k) for k, _ in rows), default=0)
+    print("dpo-train summary")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
     before, after = summary.get("val/rewards/accuracies (before)"), summary.get("val/rewards/accuracies (after)")
     if after is not None:
         print(f"held-out reward accuracy: before {before if before is None else f'{before:.3f}'} "
