@@ -139,6 +139,8 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
                             merge_adapters=bool(cfg.get("export_merged")))
         if out is not None:
             summary["export"] = str(out)
+    if after:  # per-row values of the final validation: standard errors, the sweep objective (heldout.py)
+        summary["heldout"], summary["heldout_rows"] = module.heldout.summary(), module.heldout.values()
     summary["wall_seconds"] = time.perf_counter() - start
     final = {k: float(v) for k, v in (after[0] if after else {}).items()}
     final.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("gen/")})
@@ -162,9 +164,18 @@ def _print_summary(summary: dict[str, Any], hint: str | None) -> None:
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
     before, after = summary.get("val/rewards/accuracies (before)"), summary.get("val/rewards/accuracies (after)")
+    heldout = summary.get("heldout") or {}
     if after is not None:
+        se = (heldout.get("val/rewards/accuracies") or {}).get("stderr")
         print(f"held-out reward accuracy: before {before if before is None else f'{before:.3f}'} "
-              f"-> after {after:.3f}")
+              f"-> after {after:.3f}" + (f" ± {se:.3f}" if se is not None else ""))
+    objective = summary.get("objective") or {}
+    if objective.get("value") is not None:
+        se = objective.get("stderr")
+        print(f"sweep objective {objective['name']}: {objective['value']:.4f}"
+              + (f" ± {se:.4f} (standard error)" if se is not None else "")
+              + (" (log sigmoid(0) = -0.6931: the policy has not moved)" if objective["name"] == "val/pref_loglik"
+                 else ""))
     if "train/tokens_per_sec" in summary:
         print(f"training throughput: {summary['train/tokens_per_sec']:.0f} tokens/s, "
               f"{summary['train/pairs_per_sec']:.1f} pairs/s")
@@ -179,14 +190,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     job = sweep_job_info(cfg)
     if job is not None:  # a multirun job: its own W&B run, failures recorded and the sweep goes on
         apply_sweep_defaults(cfg, job)
-        summary = run_job(train, cfg, job)
-        return None if summary is None else summary.get("val/rewards/accuracies (after)")
+        summary = run_job(train, cfg, job)  # returns the sweep objective (sweep.objective) to the sweeper
+        return None if summary is None else (summary.get("objective") or {}).get("value")
     try:
         summary = train(cfg)
     except (DataError, ConfigError, FileNotFoundError, NonFiniteError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    return summary.get("val/rewards/accuracies (after)")  # the sweep objective
+    return (summary.get("objective") or {}).get("value")  # the sweep objective (sweep.objective)
 
 
 def main() -> None:
