@@ -144,6 +144,9 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
     summary["wall_seconds"] = time.perf_counter() - start
     final = {k: float(v) for k, v in (after[0] if after else {}).items()}
     final.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("gen/")})
+    for cb in objs["callbacks"]:  # the last generation evaluation (the validation after fit skips a repeat)
+        final.update({k: float(v) for k, v in (getattr(cb, "last_metrics", None) or {}).items()
+                      if k.startswith("gen/")})
     summary["final_metrics"] = final
     summary["reference_passes"] = int(any(not i["hit"] for i in module.reference.cache_infos))
     summary["wandb_run_id"] = next((lg.version for lg in objs["loggers"] if type(lg).__name__ == "WandbLogger"),

@@ -53,7 +53,7 @@ def _num(v) -> float | None:
 
 
 def _swept(df) -> list[str]:
-    from dpo_lightning.sweeps.report import override_columns
+    from dpo_lightning.sweeps.columns import override_columns
 
     cols = override_columns(df)
     varying = [c for c in cols if df[c].astype(str).nunique() > 1]
@@ -71,7 +71,7 @@ def _labels(df) -> dict:
 
 def _objective(df) -> tuple[str, str]:
     """(column, axis title) of the sweep's objective."""
-    from dpo_lightning.sweeps.report import objective_name
+    from dpo_lightning.sweeps.columns import objective_name
 
     key = objective_name(df)
     title = {"val/pref_loglik": "held-out pref. log-lik. (β₀=0.1)", "gen/win_rate": "judge win rate",
@@ -119,7 +119,7 @@ def beta_figure(df):
     points = [(loss, b, r) for loss, b, r in points if b is not None and b > 0]
     if not points:
         return None
-    from dpo_lightning.sweeps.report import SE
+    from dpo_lightning.sweeps.columns import SE
 
     key, title = _objective(df)
     metrics = [(key, title)]
@@ -218,7 +218,7 @@ def curves_figure(df):
 
 
 def frontier_figure(df):
-    from dpo_lightning.sweeps.report import SE
+    from dpo_lightning.sweeps.columns import SE
 
     if "gen/kl" not in df.columns:
         return None

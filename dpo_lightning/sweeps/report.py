@@ -15,14 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from dpo_lightning.files.atomic import atomic_write_text
+from dpo_lightning.sweeps.columns import OBJECTIVE, SE, TAIL, WITH_SE, objective_name, override_columns
 from dpo_lightning.sweeps.job import FINAL_METRICS, GEN_METRICS, SUMMARY_FILE
-from dpo_lightning.training.heldout import OBJECTIVE as HELDOUT_OBJECTIVE
-
-OBJECTIVE = HELDOUT_OBJECTIVE  # the default ranking (sweep.objective=auto without a judge; training/heldout.py)
-TAIL = ("steps", "wall_seconds", "reference_passes", "run_dir", "wandb_run_id", "loss_name", "beta", "lr", "error")
-SE = "_se"  # suffix of a standard-error column: val/pref_loglik_se
-# held-out figures and their standard errors (from the job summary's per-row statistics or the metric's _stderr)
-WITH_SE = ("val/pref_loglik", "val/rewards/accuracies", "val/rewards/margins", "val/loss", "gen/kl", "gen/win_rate")
 
 
 def job_folders(sweep_dir: str | Path) -> list[Path]:
@@ -114,15 +108,6 @@ def load(sweep_dir: str | Path):
     return df[[*first, *overrides, "status", "objective", *metrics, "heldout_rows", *TAIL]]
 
 
-def objective_name(df) -> str:
-    """The metric the jobs were ranked by (their summaries name it; ``sweep.objective``)."""
-    names = df["objective"].dropna() if "objective" in df else []
-    if len(names):
-        return str(names.mode().iloc[0])
-    has = lambda c: c in df and df[c].notna().any()  # noqa: E731
-    return OBJECTIVE if has(OBJECTIVE) or not has("val/rewards/accuracies") else "val/rewards/accuracies"  # older
-
-
 def ranked(df):
     """Best job first: finished jobs by the objective (higher is better); unfinished/failed last."""
     ok = df["status"] == "ok"
@@ -197,11 +182,6 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def override_columns(df) -> list[str]:
-    skip = {"job", "name", "status", "objective", "heldout_rows", *FINAL_METRICS, *GEN_METRICS, *TAIL}
-    return [c for c in df.columns if c not in skip and not c.endswith(SE)]
-
-
 def display_columns(df, drop: tuple[str, ...]) -> list[str]:
     """Columns worth showing: overrides that differ between jobs (constant ones are in every row alike);
     standard errors are shown beside their figure (``cell``), not as columns of their own."""
@@ -221,7 +201,7 @@ def cell(r, c: str) -> str:
 
 def markdown(df, sweep_dir: str | Path, plots: list[Path]) -> str:
     df = ranked(df)
-    keep = display_columns(df, ("name", "loss_name", "beta", "lr"))
+    keep = display_columns(df, ("name", "loss_name", "beta", "lr", "val/logps/chosen"))
     n_ok = int((df["status"] == "ok").sum())
     passes = int(df["reference_passes"].fillna(0).sum()) if "reference_passes" in df else 0
     lines = [f"# Sweep report: {Path(sweep_dir).name}", "",
@@ -242,7 +222,7 @@ def print_rich(df, sweep_dir: str | Path) -> None:
     from rich.table import Table
 
     df = ranked(df)
-    cols = display_columns(df, ("run_dir", "wandb_run_id", "loss_name", "beta", "lr", "name"))
+    cols = display_columns(df, ("run_dir", "wandb_run_id", "loss_name", "beta", "lr", "name", "val/logps/chosen"))
     cols = [c for c in cols if c not in ("error", "heldout_rows")]  # errors: one whole line per failed job below
     short = {"val/pref_loglik": "val pref_loglik", "val/rewards/accuracies": "val acc",
              "val/rewards/margins": "val margin", "val/loss": "val loss", "val/logps/chosen": "val logp chosen",

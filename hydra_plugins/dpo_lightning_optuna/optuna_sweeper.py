@@ -9,7 +9,7 @@ dependencies. This one uses Optuna's ask-and-tell interface and Hydra's own over
 read as with that plugin: ``choice(a, b)``, ``interval(lo, hi)``, ``range(lo, hi, step)``, ``tag(log, ...)``,
 from ``hydra.sweeper.params`` or the command line. Each trial is a job launched by the configured launcher
 (basic, joblib, submitit), ``n_jobs`` at a time; its objective is the job's return value (``dpo-train`` returns
-the held-out reward accuracy); a failed job (no value), or a trial whose overrides do not compose (``dpo_lightning/sweeps/compose.py``), is told
+the sweep objective, ``sweep.objective``); a failed job (no value), or a trial whose overrides do not compose (``dpo_lightning/sweeps/compose.py``), is told
 to Optuna as a failed trial. ``optuna`` is
 imported only when a sweep starts, so Hydra's plugin scan works without it.
 """
