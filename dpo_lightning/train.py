@@ -23,7 +23,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dpo_lightning.callbacks.preemption import resolve_ckpt_path
 from dpo_lightning.cli.build import build
 from dpo_lightning.cli.locate import config_dir
-from dpo_lightning.cli.runtime import flatten, prepare_wandb, print_config_tree, save_config, wandb_sync_hint
+from dpo_lightning.cli.runtime import (
+    config_summary,
+    flatten,
+    prepare_wandb,
+    print_config_tree,
+    save_config,
+    wandb_sync_hint,
+)
 from dpo_lightning.config.validate import ConfigError, validate_config
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.export import export_policy
@@ -63,9 +70,11 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
     validate_config(cfg)  # invalid combinations fail here, before any model loads
     L.seed_everything(cfg.seed, workers=True)
     notice = prepare_wandb(cfg.get("logger"))
+    save_config(cfg, f"{cfg.paths.output_dir}/config.yaml")
     if cfg.get("print_config"):
         print_config_tree(cfg)
-    save_config(cfg, f"{cfg.paths.output_dir}/config.yaml")
+    else:  # one line; the whole config is in the run folder (or: print_config=true, dpo-train --cfg job)
+        print(config_summary(cfg, f"{cfg.paths.output_dir}/config.yaml"))
     if notice:
         log.warning(notice)
     objs = build(cfg)
@@ -101,9 +110,14 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
                             merge_adapters=bool(cfg.get("export_merged")))
         if out is not None:
             summary["export"] = str(out)
+    if after:  # per-row values of the final validation: standard errors, the sweep objective (heldout.py)
+        summary["heldout"], summary["heldout_rows"] = module.heldout.summary(), module.heldout.values()
     summary["wall_seconds"] = time.perf_counter() - start
     final = {k: float(v) for k, v in (after[0] if after else {}).items()}
     final.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("gen/")})
+    for cb in objs["callbacks"]:  # the last generation evaluation (the validation after fit skips a repeat)
+        final.update({k: float(v) for k, v in (getattr(cb, "last_metrics", None) or {}).items()
+                      if k.startswith("gen/")})
     summary["final_metrics"] = final
     summary["reference_passes"] = int(any(not i["hit"] for i in module.reference.cache_infos))
     summary["wandb_run_id"] = next((lg.version for lg in objs["loggers"] if type(lg).__name__ == "WandbLogger"),
@@ -116,15 +130,13 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any], hint: str | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="dpo-train summary", show_header=False)
-    for k, v in summary.items():
-        if isinstance(v, dict) or k in ("reference_passes", "wandb_run_id"):
-            continue
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console().print(table)
+    """The run's summary as plain ``key  value`` lines: paths are printed whole (no table cell to cut them)."""
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in summary.items()
+            if not isinstance(v, dict) and k not in ("reference_passes", "wandb_run_id")]
+    width = max((len(k) for k, _ in rows), default=0)
+    print("dpo-train summary")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
     before, after = summary.get("val/rewards/accuracies (before)"), summary.get("val/rewards/accuracies (after)")
     if after is not None:
         n = summary.get("val_pairs")
@@ -133,6 +145,13 @@ def _print_summary(summary: dict[str, Any], hint: str | None) -> None:
             return "n/a" if p is None else f"{p:.3f}" + (f" ± {(p * (1 - p) / n) ** 0.5:.3f}" if n else "")
         print(f"held-out reward accuracy: before {fmt(before)} -> after {fmt(after)}"
               + (f" ({n} held-out pairs; chance 0.5, a tie counts as wrong)" if n else ""))
+    objective = summary.get("objective") or {}
+    if objective.get("value") is not None:
+        se = objective.get("stderr")
+        print(f"sweep objective {objective['name']}: {objective['value']:.4f}"
+              + (f" ± {se:.4f} (standard error)" if se is not None else "")
+              + (" (log sigmoid(0) = -0.6931: the policy has not moved)" if objective["name"] == "val/pref_loglik"
+                 else ""))
     if "train/tokens_per_sec" in summary:
         print(f"training throughput: {summary['train/tokens_per_sec']:.0f} tokens/s, "
               f"{summary['train/pairs_per_sec']:.1f} pairs/s")
@@ -147,14 +166,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     job = sweep_job_info(cfg)
     if job is not None:  # a multirun job: its own W&B run, failures recorded and the sweep goes on
         apply_sweep_defaults(cfg, job)
-        summary = run_job(train, cfg, job)
-        return None if summary is None else summary.get("val/rewards/accuracies (after)")
+        summary = run_job(train, cfg, job)  # returns the sweep objective (sweep.objective) to the sweeper
+        return None if summary is None else (summary.get("objective") or {}).get("value")
     try:
         summary = train(cfg)
     except (DataError, ConfigError, FileNotFoundError, NonFiniteError, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    return summary.get("val/rewards/accuracies (after)")  # the sweep objective
+    return (summary.get("objective") or {}).get("value")  # the sweep objective (sweep.objective)
 
 
 def main() -> None:

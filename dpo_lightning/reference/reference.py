@@ -6,7 +6,8 @@
     ref.is_precomputed              its log-probs come with the batch (``reference.precompute``)
     ref.module                      the frozen model of copy / model; None otherwise
     with ref.scoring_model() as m:  the model to score with (the frozen model, or the policy with its adapters
-                                    disabled or switched to TR-DPO's reference adapter); None without one
+                                    disabled or switched to TR-DPO's reference adapter); None without one;
+                                    ``open_cached=True``: precomputed too (loaded for the block, then released)
     ref.logps(batch)                reference log-probs of a batch; None when precomputed or not needed
     ref.precompute(datamodule)      fill the data module's rows from the disk cache (``cache.py``)
     ref.sync, ref.moves, ref.adapter, ref.version    TR-DPO (``sync.py``)
@@ -128,9 +129,14 @@ class Reference(torch.nn.Module):
 
     # ---------------------------------------------------------------- scoring
     @contextlib.contextmanager
-    def scoring_model(self):
+    def scoring_model(self, *, open_cached: bool = False):
         """The model that computes the reference, inside the block: the frozen model, or the policy with its
-        adapters disabled (or switched to TR-DPO's ``reference`` adapter); None without one."""
+        adapters disabled (or switched to TR-DPO's ``reference`` adapter); None without one.
+
+        ``open_cached``: with precomputed log-probs (mode ``cached``) there is no model during training; open
+        one for the block (generation evaluation scores new samples, which no cache holds): the policy with
+        its adapters disabled, or the reference weights loaded from their source (``reference.name_or_path``,
+        else the policy's initial weights' files) and released when the block ends."""
         if self.mode is Mode.ADAPTER:
             policy = self.policy
             with adapter_active(policy, self.adapter) if self.adapter else adapters_disabled(policy):
@@ -138,8 +144,38 @@ class Reference(torch.nn.Module):
         elif self.module is not None:
             self.eval()
             yield self.module
+        elif self.mode is Mode.CACHED and open_cached and not self.moves:
+            with self._opened() as model:
+                yield model
         else:
             yield None
+
+    @contextlib.contextmanager
+    def _opened(self):
+        """The weights precomputed log-probs came from, for one block (``reference/cache.py`` computes them
+        the same way: adapters disabled, the initial policy's files, or the separate reference)."""
+        policy, spec = self.policy, self.spec
+        if not spec.separate and is_peft_model(policy):
+            with adapters_disabled(policy):
+                yield policy
+            return
+        if not spec.separate and self.policy_spec.quantization is not None:
+            yield None  # a quantized policy trains through adapters only: the branch above; nothing to load
+            return
+        mode = Mode.MODEL if spec.name_or_path else Mode.COPY
+        model = build_reference(mode, spec, self.policy_spec, policy)  # from files: the initial weights
+        device = next(policy.parameters()).device
+        if not any(getattr(model, f, False) for f in ("is_loaded_in_4bit", "is_loaded_in_8bit")):
+            model.to(device)
+        try:
+            yield model
+        finally:
+            del model
+            import gc
+
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @torch.no_grad()
     def logps(self, batch: dict[str, Any], *, chunk_size: int = 1024, full_logits: bool = False) -> SeqLogps | None:

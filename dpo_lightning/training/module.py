@@ -31,6 +31,7 @@ from dpo_lightning.models.quirks import engine_plan
 from dpo_lightning.reference.reference import Reference
 from dpo_lightning.reference.spec import Mode, ReferenceSpec
 from dpo_lightning.reference.sync import ReferenceSync
+from dpo_lightning.training.heldout import OBJECTIVE, HeldOutRecorder
 from dpo_lightning.training.inputs import build_inputs
 from dpo_lightning.training.nonfinite import NonFiniteGuard
 from dpo_lightning.training.optim import OptimizerSpec, SchedulerSpec
@@ -123,6 +124,7 @@ class PreferenceLitModule(L.LightningModule):
         self.policy.train()
         self.strict_loading = False  # a frozen reference's weights are not checkpointed (Reference.on_save_checkpoint)
         self.loss_state: dict[str, Any] = {}
+        self.heldout = HeldOutRecorder()  # per-row held-out values of the last validation (heldout.py)
 
     # ---------------------------------------------------------------- forward
     def verify_engine(self) -> None:
@@ -150,6 +152,11 @@ class PreferenceLitModule(L.LightningModule):
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[LossOutput, dict[str, torch.Tensor]]:
         """Loss output and the logged metrics (TRL names, without split prefix) for one batch."""
+        out, metrics, _ = self._compute(batch)
+        return out, metrics
+
+    def _compute(self, batch: dict[str, Any]):
+        """``compute_loss`` and the policy's and live reference's log-probs (``SeqLogps`` / None)."""
         self.verify_engine()
         reference = self.reference_logps(batch)  # first: its temporaries are freed before the policy's graph
         policy = self.policy_logps(batch)
@@ -171,7 +178,7 @@ class PreferenceLitModule(L.LightningModule):
             if accuracy is not None:
                 metrics["rewards/accuracies"] = accuracy
         metrics.update({k: v.detach() for k, v in out.metrics.items()})
-        return out, metrics
+        return out, metrics, (policy, reference)
 
     # ---------------------------------------------------------------- reference precompute
     def setup(self, stage: str) -> None:
@@ -237,9 +244,41 @@ class PreferenceLitModule(L.LightningModule):
         return out.loss
 
     def validation_step(self, batch, batch_idx):
-        _, metrics = self.compute_loss(batch)
+        out, metrics, (policy, reference) = self._compute(batch)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, on_step=False, on_epoch=True,
                       sync_dist=True, batch_size=self._batch_size(batch))
+        if not self.trainer.sanity_checking:
+            self._record_heldout(batch, out, policy, reference)
+
+    # ---------------------------------------------------------------- per-row held-out values (heldout.py)
+    def _record_heldout(self, batch, out: LossOutput, policy: SeqLogps, reference: SeqLogps | None) -> None:
+        B = self._batch_size(batch)
+        if not self.loss_fn.paired:
+            self.heldout.observe(batch["index"], policy=None, reference=None,
+                                 losses=out.losses if out.losses.numel() == B else None, margins=None)
+            return
+        pol = torch.stack([policy.logps[:B], policy.logps[B:2 * B]], dim=1)  # [B, 2] sums over completion tokens
+        ref = None
+        if reference is not None:
+            ref = torch.stack([reference.logps[:B], reference.logps[B:2 * B]], dim=1)
+        elif "ref_chosen_logps" in batch:  # precomputed sums
+            ref = torch.stack([batch["ref_chosen_logps"], batch["ref_rejected_logps"]], dim=1)
+        self.heldout.observe(batch["index"], policy=pol, reference=ref,
+                             losses=out.losses if out.losses.numel() == B else None,
+                             margins=out.chosen_rewards - out.rejected_rewards)
+
+    def on_validation_epoch_start(self) -> None:
+        self.heldout.start()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        ref = self.reference
+        initial = ref.mode in (Mode.COPY, Mode.ADAPTER, Mode.CACHED) and not ref.spec.separate and not ref.moves
+        self.heldout.finish(untrained=not self._policy_trained, reference_is_initial=initial)
+        stats = self.heldout.summary().get(OBJECTIVE)
+        if stats is not None:  # already gathered from every rank: the same value everywhere
+            self.log(OBJECTIVE, stats["mean"], on_step=False, on_epoch=True, sync_dist=False)
 
     def test_step(self, batch, batch_idx):
         _, metrics = self.compute_loss(batch)
