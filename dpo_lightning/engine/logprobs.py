@@ -276,9 +276,10 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_s
     lengths = torch.bincount(seq, minlength=num_sequences)
     logits_sum = mean_logit.new_zeros(num_sequences).index_add(0, seq, mean_logit.detach())
     aux = None
-    if want_aux:  # the model's own load-balancing loss over every real token (2D mask), as TRL adds it
-        a = plan.aux
-        aux = a["fn"](outputs.router_logits, a["num_experts"], a["top_k"], batch["attention_mask"])
+    router_logits = getattr(outputs, "router_logits", None)  # None: a forward that does not return them
+    if want_aux and router_logits is not None:  # the model's own load-balancing loss over every real token
+        a = plan.aux                             # (2D mask), as TRL adds it
+        aux = a["fn"](router_logits, a["num_experts"], a["top_k"], batch["attention_mask"])
     return SeqLogps(logps, lengths, token_logps, seq, batch["score_pos"], logits_sum, log_sum_sq, aux)
 
 
