@@ -55,7 +55,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The backbone's repeated blocks (``layers``, ``h``, ``blocks``, ``decoder.layers``), or [] when unknown."""
     base = base_model(model)
     backbone = backbone_of(base)[0] or base
-    for path in ("layers", "h", "blocks", "decoder.layers", "encoder.layers"):
+    for path in ("layers", "h", "blocks", "decoder.layers", "encoder.layers", "model.layers"):  # model.layers: a
+        # base_model_prefix naming no submodule (Gemma 3 / Llama 4 text under transformers 4.57 / 5)
         mod = backbone
         for part in path.split("."):
             mod = getattr(mod, part, None)
