@@ -32,6 +32,7 @@ exactness tests compare against.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +220,7 @@ def chunked_logprobs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def split_model(model: torch.nn.Module):
     """(backbone, lm_head) of a causal LM, through PEFT and compile wrappers."""
-    base = base_model(model)
+    base: Any = base_model(model)  # a transformers model: its attributes are dynamic to mypy
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
@@ -257,6 +258,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_s
         outputs = backbone(**kwargs)
         hidden = outputs.last_hidden_state  # [N, L, H]
         widen, weight, bias = params
+        assert plan.head is not None  # params come from the plan's head
         h = widen(hidden.reshape(-1, hidden.size(-1))[src])  # [T, H(+r)]: completion positions only
         token_logps, mean_logit, log_sum_sq = chunked_logprobs(
             h, weight, bias, tgt, chunk_size=chunk_size, softcap=plan.head.softcap, want_sq=want_sq,
@@ -268,6 +270,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_s
     aux = None
     if want_aux:  # the model's own load-balancing loss over every real token (2D mask), as TRL adds it
         a = plan.aux
+        assert a is not None  # want_aux
         aux = a["fn"](outputs.router_logits, a["num_experts"], a["top_k"], batch["attention_mask"])
     return SeqLogps(logps, lengths, token_logps, seq, batch["score_pos"], logits_sum, log_sum_sq, aux)
 
@@ -275,7 +278,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_s
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each decoder layer's activations in backward (Hugging Face's per-layer checkpointing,
     non-reentrant): activation memory O(layers) -> O(1) layers, for about one extra backbone forward."""
-    base = base_model(model)
+    base: Any = base_model(model)  # a transformers model: its methods are dynamic to mypy
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:

@@ -86,7 +86,7 @@ def check(model: torch.nn.Module, plan: EnginePlan | None = None, *, chunk_size:
     amp = param.device.type
     dtype = torch.get_autocast_dtype(amp) if torch.is_autocast_enabled(amp) else param.dtype
     windows = [w for w in plan.windows.values() if w is not None]
-    vocab = int(getattr(text_config(base), "vocab_size", 0) or base.get_output_embeddings().weight.size(0))
+    vocab = int(getattr(text_config(base), "vocab_size", 0) or base.get_output_embeddings().weight.size(0))  # type: ignore[operator]  # HF
     batches = probe_batches(vocab, min(windows) if windows else None, param.device)
     own_plan = EnginePlan(head=None, layouts={PLAIN})
     ref = _token_logps(model, batches[PLAIN], plan=own_plan, full_logits=True)
@@ -147,7 +147,7 @@ def verify(model: torch.nn.Module, *, label: str, chunk_size: int = 1024, adapte
         with torch.no_grad():
             changes = check(model, plan, chunk_size=chunk_size, full_logits=full_logits)
             if adapter_states:
-                with model.disable_adapter():
+                with model.disable_adapter():  # type: ignore[operator]  # PEFT's method
                     changes += [f"{c} (adapters off)"
                                 for c in check(model, plan, chunk_size=chunk_size, full_logits=full_logits)]
     finally:

@@ -82,8 +82,8 @@ def enable_selective_recompute(model: torch.nn.Module) -> int:
             continue
         if "_dpo_recompute_fn" not in vars(layer):  # made once: the in-place probe's verdict is kept with it
             layer._dpo_recompute_fn = _wrapped(layer.forward)
-        layer.forward = layer._dpo_recompute_fn
-        layer._dpo_recompute = True
+        layer.forward = layer._dpo_recompute_fn  # type: ignore[assignment]  # our instance attribute, set above
+        layer._dpo_recompute = True  # type: ignore[assignment]  # a marker attribute on the layer
     return len(layers)
 
 
@@ -91,7 +91,7 @@ def disable_selective_recompute(model: torch.nn.Module) -> None:
     for layer in decoder_layers(model):
         if getattr(layer, "_dpo_recompute", False):
             del layer.forward  # the instance attribute: the class's forward again
-            layer._dpo_recompute = False
+            layer._dpo_recompute = False  # type: ignore[assignment]  # a marker attribute on the layer
 
 
 def _storage(t: torch.Tensor) -> int | None:
@@ -158,7 +158,7 @@ def _wrapped(forward):
             return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, context_fn=context, **kwargs)
 
-    run.recompute_state = state
+    run.recompute_state = state  # type: ignore[attr-defined]  # a function attribute
     return run
 
 

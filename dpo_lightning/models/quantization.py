@@ -75,11 +75,12 @@ def bnb_config(settings: dict[str, Any] | None):
         return None
     from transformers import BitsAndBytesConfig
 
+    assert settings is not None  # quantization_bits(None) is None
     return BitsAndBytesConfig(**bnb_kwargs(settings))
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
     """True when the model was loaded with bitsandbytes 4-bit or 8-bit weights."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]  # PEFT
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
                 or getattr(base, "is_quantized", False))

@@ -27,7 +27,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -103,7 +103,7 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def text_config(base: torch.nn.Module):
-    cfg = base.config
+    cfg: Any = base.config  # a transformers PretrainedConfig
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
@@ -184,7 +184,7 @@ def _peft_head(head: torch.nn.Module):
         parts = [h] + [head.scaling[n] * head.lora_A[n](head.lora_dropout[n](h)).to(h.dtype) for n in names]
         return torch.cat(parts, dim=-1)  # [T, H + sum r]
 
-    w = torch.cat([weight] + [head.lora_B[n].weight.to(weight.dtype) for n in names], dim=1)  # [V, H + sum r]
+    w = torch.cat([weight] + [cast(torch.Tensor, head.lora_B[n].weight).to(weight.dtype) for n in names], dim=1)  # [V, H + sum r]
     return widen, w, bias
 
 
@@ -249,7 +249,7 @@ def aux_plan(base: torch.nn.Module, coef: float | None = None) -> dict[str, Any]
 
 def engine_plan(model: torch.nn.Module, router_aux_loss_coef: float | None = None) -> EnginePlan:
     """The static plan for ``model`` (cached on it; ``engine_check.verify`` may narrow it further)."""
-    base = base_model(model)
+    base: Any = base_model(model)  # a transformers model: its attributes are dynamic to mypy
     cached = getattr(base, "_dpo_engine_plan", None)
     if cached is not None:
         return cached

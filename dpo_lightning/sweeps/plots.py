@@ -42,8 +42,8 @@ def _num(v) -> float | None:
 
 def beta_plot(df, path: Path) -> Path | None:
     ok = df[df["status"] == "ok"]
-    points = [(str(r["loss_name"]), _num(r["beta"]), r) for _, r in ok.iterrows()]
-    points = [(loss, b, r) for loss, b, r in points if b is not None and b > 0]
+    scored = [(str(r["loss_name"]), _num(r["beta"]), r) for _, r in ok.iterrows()]
+    points = [(loss, b, r) for loss, b, r in scored if b is not None and b > 0]
     if not points:
         return None
     plt = _plt()
