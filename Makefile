@@ -27,8 +27,9 @@ test: setup  ## set up, then run the test suite
 test-fast: setup  ## the suite without tests marked slow
 	$(BIN)/pytest -q -m "not slow"
 
-lint: setup  ## ruff (pyflakes and friends)
+lint: setup  ## ruff (pyflakes and friends), then mypy over the package ([tool.mypy] in pyproject.toml)
 	$(BIN)/ruff check dpo_lightning tests scripts hydra_plugins
+	$(BIN)/mypy dpo_lightning
 
 bench: setup  ## speed/memory benchmark against the plain path (see docs/performance.md)
 	$(BIN)/python scripts/benchmark.py
