@@ -33,8 +33,9 @@ test: setup  ## the whole suite, every tier: what CI runs (target: 15 min on 2 c
 test-fast: setup  ## in-process tests only, after each change (target: 4 min on 2 cores): no slow/distributed/subprocess
 	$(BIN)/pytest -q -m "not slow and not distributed and not subprocess"
 
-lint: setup  ## ruff (pyflakes and friends)
+lint: setup  ## ruff (pyflakes and friends), then mypy over the package ([tool.mypy] in pyproject.toml)
 	$(BIN)/ruff check dpo_lightning tests scripts hydra_plugins
+	$(BIN)/mypy dpo_lightning
 
 bench: setup  ## speed/memory benchmark against the plain path (see docs/performance.md)
 	$(BIN)/python scripts/benchmark.py

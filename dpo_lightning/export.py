@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LDeepSpeed
@@ -40,6 +40,7 @@ def full_policy_state_dict(trainer, module) -> dict[str, torch.Tensor] | None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         root = strategy.model
+        assert root is not None  # set up by the fit that trained it
         offload = strategy.root_device.type != "cpu"  # to CPU memory, one unit at a time, on rank 0 only
         with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT,
                                   FullStateDictConfig(offload_to_cpu=offload, rank0_only=True)):
@@ -49,11 +50,11 @@ def full_policy_state_dict(trainer, module) -> dict[str, torch.Tensor] | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(module.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if rank0 else {}
+        return cast(dict[str, torch.Tensor], state) if rank0 else {}  # full_state_dict: plain tensors
     if isinstance(strategy, _LDeepSpeed) and strategy.zero_stage_3:
         import deepspeed
 
-        state: dict[str, torch.Tensor] = {}
+        state = {}
         for name, sub in module.policy.named_modules():  # one module at a time: bounded GPU memory
             params = list(sub.named_parameters(recurse=False))
             with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):

@@ -37,7 +37,7 @@ class PreferenceCheckpoint(ModelCheckpoint):
         self._auto_monitor, self._auto_mode = monitor == "auto", mode == "auto"
         if self._auto_mode and not self._auto_monitor and monitor:
             mode, self._auto_mode = metric_mode(monitor), False
-        super().__init__(*args, monitor=None if self._auto_monitor else monitor,
+        super().__init__(*args, monitor=None if self._auto_monitor else monitor,  # type: ignore[misc]  # keywords
                          mode="max" if self._auto_mode else mode, **kwargs)
 
     def setup(self, trainer, pl_module, stage: str) -> None:

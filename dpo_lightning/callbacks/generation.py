@@ -49,6 +49,7 @@ def _sharded_generation(trainer) -> tuple[bool, Any]:
     if isinstance(strategy, FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+        assert strategy.model is not None  # set up by the fit
         return True, FSDP.summon_full_params(strategy.model, recurse=False, writeback=False)
     if isinstance(strategy, ModelParallelStrategy) or (isinstance(strategy, DeepSpeedStrategy)
                                                        and strategy.zero_stage_3):

@@ -26,6 +26,7 @@ import subprocess
 import threading
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -52,7 +53,7 @@ class PreemptionCheckpoint(L.Callback):
         self.dirpath, self.filename = dirpath, filename
         self.received: int | None = None  # the signal this process received, if any
         self._requeue_signal: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}  # signal.getsignal's handlers
         self._seen_step = -1
 
     # ---------------------------------------------------------------- signals
@@ -98,6 +99,7 @@ class PreemptionCheckpoint(L.Callback):
             return
         requeue = bool(votes[1] > 0)
         signum = self._requeue_signal if requeue else int(signal.SIGTERM)
+        assert signum is not None  # a requeue vote comes from a rank with the requeue signal
         path = str(Path(self.dirpath) / self.filename)
         trainer.save_checkpoint(path)  # every rank: sharded strategies write their shards, DDP's rank 0 the file
         if trainer.is_global_zero:

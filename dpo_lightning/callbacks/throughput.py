@@ -44,7 +44,7 @@ def nonpad_tokens(batch: dict[str, Any]) -> int:
 
 def matmul_params(model: torch.nn.Module) -> int:
     """Parameters every token multiplies: all but the input embedding (tied: counted once, as the LM head)."""
-    base = peft_base(model)
+    base: Any = peft_base(model)  # a transformers model: its methods are dynamic attributes to mypy
     total = base.num_parameters() if hasattr(base, "num_parameters") else sum(p.numel() for p in base.parameters())
     emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -63,7 +63,8 @@ class ThroughputMonitor(LightningThroughputMonitor):
     """
 
     def __init__(self, window: int = 10, peak_flops: float | None = None, flops: bool = True):
-        super().__init__(batch_size_fn=self._samples_fn, length_fn=self._lengths_fn, window_size=max(window, 2))
+        super().__init__(batch_size_fn=self._samples_fn, length_fn=self._lengths_fn,  # type: ignore[arg-type]
+                         window_size=max(window, 2))  # (float counts: a per-device share of the global one)
         self.peak_flops, self.count_flops = peak_flops, flops
         self._step: tuple[float, float, float] | None = None  # this step's global (pairs, tokens, positions)
         self._params, self._world, self._train_flops_per_token = 0, 1, 0
@@ -74,7 +75,7 @@ class ThroughputMonitor(LightningThroughputMonitor):
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.peak_flops:
-            self.available_flops = self.peak_flops
+            self.available_flops = self.peak_flops  # type: ignore[assignment]  # a float peak; Lightning divides by it
             for throughput in self._throughputs.values():
                 throughput.available_flops = self.peak_flops
         policy = getattr(pl_module, "policy", None)

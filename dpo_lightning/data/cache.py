@@ -64,7 +64,7 @@ def _arrays(rows: list[tuple[int, list, list, list, bool]], paired: bool) -> dic
     out: dict[str, Any] = {"index": np.array([r[0] for r in rows], dtype=np.int64),
                            "label": np.array([r[4] for r in rows], dtype=bool)}
     for k, f in enumerate(("prompt", "a", "b"), start=1):
-        out[f"{f}_len"], out[f] = _flat([r[k] for r in rows])
+        out[f"{f}_len"], out[f] = _flat([r[k] for r in rows])  # type: ignore[misc]  # r[1..3]: id lists
     out["pair"] = out["index"] // 2 if _STATE.get("split_pairs") else out["index"]
     return out
 
@@ -75,12 +75,13 @@ def _work(task: tuple[str, int, list]) -> dict[str, Any]:
     kind, start, payload = task
     s = _STATE
     if s["ctx"] is None:  # records already normalized and checked (``tokenize_cached``)
-        rows, dropped = tokenize_records(payload, s["tokenizer"], s["cfg"])
-        out = _arrays([(r["index"] + start, r["prompt_ids"], r.get("chosen_ids", r.get("completion_ids")),
-                        r.get("rejected_ids", []), bool(r.get("label", False))) for r in rows], s["paired"])
+        recs, dropped = tokenize_records(payload, s["tokenizer"], s["cfg"])
+        out = _arrays([(r["index"] + start, r["prompt_ids"], r.get("chosen_ids", r.get("completion_ids")),  # type: ignore[misc]
+                        r.get("rejected_ids", []), bool(r.get("label", False))) for r in recs], s["paired"])
         return {**out, "n": len(payload), "dropped": dict(dropped), "check": None}
     check = check_chunk(payload, start, s["ctx"], lines=kind == "jsonl")
-    rows, dropped = [], Counter()
+    rows: list[tuple[int, list, list, list, bool]] = []
+    dropped = Counter()
     for i, rec, ((prompt_full, full), (p, cs)) in check.kept:
         if not s["split_pairs"]:
             rows.append((i, p, cs[0], cs[1] if len(cs) == 2 else [], bool(rec.get("label", False))))
@@ -164,6 +165,7 @@ def _build(folder: Path, tasks: Iterator, total: int | None, state: dict[str, An
         with _progress(total, desc, progress) as advance:
             def take(out):
                 if out["check"] is not None:
+                    assert validator is not None  # chunks carry check results only for a validator's build
                     gone = validator.absorb(out["check"])
                     out = _without(out, gone) if gone else out
                 writer.add(out)
@@ -279,15 +281,15 @@ def tokenize_source(source: str, split: str, tokenizer, cfg: TruncationConfig, *
 
     def make(folder):
         stream = records is None and path.is_file() and path.name.endswith((".jsonl", ".jsonl.gz"))
-        raw = None if stream else (records if records is not None else load_records(source, split))
+        raw = [] if stream else (records if records is not None else load_records(source, split))
         if not stream and not raw:
             raise DataError(f"{where}: the dataset is empty")
         unpaired, kind, tasks = _head(_jsonl_tasks(path) if stream else _list_tasks(raw), where)
         if kind is None:  # no readable row: the checks drop or refuse every row (unless there is none)
-            tasks = list(tasks)
-            if not tasks:
+            listed = list(tasks)
+            if not listed:
                 raise DataError(f"{where}: the dataset is empty")
-            tasks = iter(tasks)
+            tasks = iter(listed)
         if paired is True and kind is False:
             raise DataError(f"{source}: the loss needs paired rows (prompt/chosen/rejected); this file has "
                             "unpaired rows (prompt/completion/label)")

@@ -121,6 +121,7 @@ class _Checker:
                 f"at token {len(prompt_ids)} of {len(prompt_full)}"):
             return None
         cfg = self.ctx.truncation
+        assert cfg is not None  # check_chunk tokenizes only with a truncation config
         p, cs = truncate(prompt_ids, comp_ids, cfg)
         if p is None and cs == "prompt_fills_max_length":
             self.flag(i, 1, cs, f"field 'prompt': {len(prompt_ids)} tokens leave no room for a completion "

@@ -13,6 +13,7 @@ the batch contract of ``collate.py``. Dropped rows are counted by reason and rep
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ class PreferenceDataModule(L.LightningDataModule):
                  cache_dir: str | None = None, seed: int = 42, pad_to_multiple_of: int | None = None,
                  layout: str = PREFIX_SHARED, group_by_length: bool = True,
                  validation: dict[str, str] | None = None, report_path: str | None = None,
-                 max_drop_fraction: float = 0.5):
+                 max_drop_fraction: float = 0.5) -> None:
         super().__init__()
         if not 0.0 <= max_drop_fraction <= 1.0:
             raise ValueError(f"data.max_drop_fraction={max_drop_fraction}: must be in [0, 1]")
@@ -181,15 +182,15 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.report_path:
             self.validator.write_report(self.report_path)
 
-    def collator(self, layout: str | None = None):
+    def collator(self, layout: str | None = None) -> PreferenceCollator | UnpairedCollator:
         pad = self.pad_token_id
         layout = layout or self.layout
         if self.train_rows and "completion_ids" in self.train_rows[0]:
-            return UnpairedCollator(pad, self.pad_to_multiple_of, kl_pairs=self.kl_pairs, layout=layout,
+            return UnpairedCollator(pad, self.pad_to_multiple_of, kl_pairs=bool(self.kl_pairs), layout=layout,
                                     from_pairs=self.from_pairs)
         return PreferenceCollator(pad, self.pad_to_multiple_of, layout=layout)
 
-    def row_lengths(self, rows) -> list[int]:
+    def row_lengths(self, rows: Sequence[dict[str, Any]]) -> list[int]:
         """Tokens each row puts through the model in this layout (the sampler's grouping key)."""
         if isinstance(rows, TokenRows):  # from the length arrays, without building rows
             p, a = rows.lengths("prompt"), rows.lengths("a")
@@ -214,13 +215,13 @@ class PreferenceDataModule(L.LightningDataModule):
     def _loader(self, rows, batch_size: int, shuffle: bool) -> DataLoader:
         # a split pair's rows, and KTO's rows two by two, travel as one unit (same rank, same batch; units.py)
         index = rows.index if isinstance(rows, TokenRows) else [r["index"] for r in rows]
-        units = unit_positions(index, from_pairs=self.from_pairs, kl_pairs=self.kl_pairs)
+        units = unit_positions(index, from_pairs=self.from_pairs, kl_pairs=bool(self.kl_pairs))
         items, collate = (rows, self.collator()) if units is None else (
             UnitRows(rows, units), UnitCollator(self.collator()))
         if units is not None:
             batch_size = units_per_batch(batch_size)
         if not shuffle:  # Lightning gives each rank its share of ``items`` (DistributedSampler) under DDP
-            return DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate,
+            return DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate,  # type: ignore[arg-type]
                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         lengths = self.row_lengths(rows)
         if units is not None:
@@ -232,8 +233,8 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_rows, self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:  # [] when there is no validation split
         return self._loader(self.val_rows, self.eval_batch_size, shuffle=False) if self.val_rows else []
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
         return self.val_dataloader()

@@ -65,7 +65,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     import gzip
 
     opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
+    rows: list[dict[str, Any]] = []
     with opener(path, "rt", encoding="utf-8-sig") as fh:  # -sig: a leading byte-order mark is not data
         for i, line in enumerate(fh):  # text mode: CRLF line ends read as LF
             if line.strip():

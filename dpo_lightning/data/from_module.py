@@ -25,5 +25,5 @@ def adopt_loss_settings(dm: Any, module: Any) -> bool:
     dm.paired = paired
     if dm.kl_pairs is None:
         dm.kl_pairs = kl_pairs
-    rows = getattr(dm, "train_rows", None)
+    rows: Any = getattr(dm, "train_rows", None)
     return bool(rows) and ("chosen_ids" in rows[0]) != paired

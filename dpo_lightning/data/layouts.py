@@ -52,12 +52,12 @@ def pad_sequences(seqs: list[list[int]], pad_value: int, multiple_of: int | None
 
 
 def plain_layout(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int,
-                 multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+                 multiple_of: int | None = None) -> dict[str, Any]:
     """One row per (prompt, completion) sequence, right-padded, with the score index."""
     ids = [p + c for p, c in zip(prompts, completions)]
     masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)]
     input_ids = pad_sequences(ids, pad_token_id, multiple_of)
-    batch = {
+    batch: dict[str, Any] = {
         "input_ids": input_ids,
         "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, multiple_of),
         "completion_mask": pad_sequences(masks, 0, multiple_of),
@@ -83,10 +83,11 @@ def tree_layout(units: list[tuple[list[int], list[tuple[list[int], int]]]], pad_
     ``multiple_of``.
     """
     rows: list[dict[str, list[int]]] = []
+    poss: list[int]
     src_row, src_col, tgts, seqs, poss = [], [], [], [], []
     segment = 0
 
-    def new_row():
+    def new_row() -> dict[str, list[int]]:
         rows.append({"ids": [], "pos": [], "seg": [], "br": [], "comp": []})
         return rows[-1]
 
@@ -96,6 +97,7 @@ def tree_layout(units: list[tuple[list[int], list[tuple[list[int], int]]]], pad_
         for group in groups:
             if not pack:
                 row = new_row()
+            assert row is not None  # the packed row, or this unit's own
             r, P = len(rows) - 1, len(prompt)
             if P == 0:
                 raise ValueError("every row needs at least one prompt token (the first completion token is "

@@ -56,8 +56,8 @@ class LengthGroupedSampler(DistributedSampler):
         self.lengths = [int(x) for x in lengths]
         n = len(self.lengths)
         # DistributedSampler's bookkeeping (num_samples, total_size, epoch, seed) without needing a dataset
-        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,  # type: ignore[arg-type]
+                         drop_last=drop_last)  # (range(n): only its len() is read)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
         self.batch_size = batch_size
@@ -140,7 +140,7 @@ class ResumableDataLoader(DataLoader):
         self._epoch = getattr(sampler, "epoch", 0)
         pending = getattr(sampler, "_skip", None)  # the sampler drops these indices; count them as handed out
         self._yielded = pending[1] // max(self.batch_size or 1, 1) if pending and pending[0] == self._epoch else 0
-        batches = super().__iter__()
+        batches: Iterator[dict[str, Any]] = super().__iter__()
         if self.accumulate > 1:
             from dpo_lightning.data.accumulation import with_step_tokens
 
@@ -150,7 +150,7 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        sampler = self.sampler
+        sampler: Any = self.sampler  # a LengthGroupedSampler when it has load_state_dict
         if not hasattr(sampler, "load_state_dict"):
             return {}
         state = sampler.state_dict(consumed=self._yielded * (self.batch_size or 1))

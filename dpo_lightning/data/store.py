@@ -157,7 +157,7 @@ class TokenRows(Sequence):
             return False
         return all(x == y for x, y in zip(self, other))
 
-    __hash__ = None  # mutable (columns), like a list
+    __hash__ = None  # type: ignore[assignment]  # mutable (columns), like a list
 
     def __add__(self, other) -> list[dict[str, Any]]:
         return list(self) + list(other)
@@ -176,7 +176,7 @@ class TokenRows(Sequence):
         return Path(self._store["folder"])
 
     @property
-    def index(self) -> np.ndarray:
+    def index(self) -> np.ndarray:  # type: ignore[override]  # the rows' record index, not Sequence.index
         return np.asarray(self._store["arrays"]["index"][self._pos])
 
     def lengths(self, field: str) -> np.ndarray:
@@ -206,4 +206,4 @@ class TokenRows(Sequence):
         store = load_store(Path(state["folder"]))
         if store is None:
             raise FileNotFoundError(f"{state['folder']}: tokenization cache entry missing")
-        self.__init__(store, state["pos"], state["columns"])
+        self.__init__(store, state["pos"], state["columns"])  # type: ignore[misc]  # unpickling

@@ -130,7 +130,8 @@ def encode_records(records: list[dict[str, Any]], tokenizer) -> list[tuple[list[
 
 def tokenize_records(records: list[dict[str, Any]], tokenizer, cfg: TruncationConfig) -> tuple[list[dict], Counter]:
     """Tokenize and truncate records (paired or unpaired); returns (rows, dropped-count by reason)."""
-    rows, dropped = [], Counter()
+    rows: list[dict] = []
+    dropped: Counter[str] = Counter()
     for i, (r, (prompt_ids, full)) in enumerate(zip(records, encode_records(records, tokenizer))):
         p, cs = truncate(*split_prompt(prompt_ids, full), cfg)
         if p is None:

@@ -64,7 +64,7 @@ class UnitRows(Sequence):
     def __len__(self) -> int:
         return len(self.units)
 
-    def __getitem__(self, u: int) -> list[dict[str, Any]]:
+    def __getitem__(self, u: int) -> list[dict[str, Any]]:  # type: ignore[override]  # no slices
         return [self.rows[p] for p in self.units[u]]
 
 

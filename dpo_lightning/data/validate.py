@@ -108,6 +108,9 @@ class DataValidator:
 
     # ---------------------------------------------------------------- chunk results, merged in row order
     def begin(self, where: str) -> None:
+        self._counts: Counter[str]
+        self._examples: dict[str, list[int]]  # reason -> the first rows it names
+        self._seen: set[Any]  # hashes of the rows kept so far (duplicates)
         self._where, self._counts, self._examples, self._seen, self._dropped = where, Counter(), {}, set(), 0
 
     def absorb(self, chunk: ChunkResult) -> set[int]:

@@ -32,6 +32,7 @@ exactness tests compare against.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -267,6 +268,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_s
         outputs = backbone(**kwargs)
         hidden = outputs.last_hidden_state  # [N, L, H]
         widen, weight, bias = params
+        assert plan.head is not None  # params come from the plan's head
         h = widen(hidden.reshape(-1, hidden.size(-1))[src])  # [T, H(+r)]: completion positions only
         token_logps, mean_logit, log_sum_sq = chunked_logprobs(
             h, weight, bias, tgt, chunk_size=chunk_size, softcap=plan.head.softcap, want_sq=want_sq,
@@ -279,6 +281,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_s
     router_logits = getattr(outputs, "router_logits", None)  # None: a forward that does not return them
     if want_aux and router_logits is not None:  # the model's own load-balancing loss over every real token
         a = plan.aux                             # (2D mask), as TRL adds it
+        assert a is not None  # want_aux
         aux = a["fn"](router_logits, a["num_experts"], a["top_k"], batch["attention_mask"])
     return SeqLogps(logps, lengths, token_logps, seq, batch["score_pos"], logits_sum, log_sum_sq, aux)
 
@@ -286,7 +289,7 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_s
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each decoder layer's activations in backward (Hugging Face's per-layer checkpointing,
     non-reentrant): activation memory O(layers) -> O(1) layers, for about one extra backbone forward."""
-    base = base_model(model)
+    base: Any = base_model(model)  # a transformers model: its methods are dynamic to mypy
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:

@@ -90,7 +90,7 @@ def check(model: torch.nn.Module, plan: EnginePlan | None = None, *, chunk_size:
     dtype = torch.get_autocast_dtype(amp) if torch.is_autocast_enabled(amp) else param.dtype
     windows = [w for w in plan.windows.values() if w is not None]
     vocab = int(getattr(text_config(base), "vocab_size", 0) or getattr(output_head(base), "out_features", 0)
-                or base.get_input_embeddings().num_embeddings)
+                or base.get_input_embeddings().num_embeddings)  # type: ignore[operator]  # transformers
     batches = probe_batches(vocab, min(windows) if windows else None, param.device)
     own_plan = EnginePlan(head=None, layouts={PLAIN})
     ref = _token_logps(model, batches[PLAIN], plan=own_plan, full_logits=True)
@@ -151,7 +151,7 @@ def verify(model: torch.nn.Module, *, label: str, chunk_size: int = 1024, adapte
         with torch.no_grad():
             changes = check(model, plan, chunk_size=chunk_size, full_logits=full_logits)
             if adapter_states:
-                with model.disable_adapter():
+                with model.disable_adapter():  # type: ignore[operator]  # PEFT's method
                     changes += [f"{c} (adapters off)"
                                 for c in check(model, plan, chunk_size=chunk_size, full_logits=full_logits)]
     finally:

@@ -25,6 +25,7 @@ already recomputed (``engine.gradient_checkpointing``, FSDP's ``activation_check
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -57,7 +58,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     backbone = backbone_of(base)[0] or base
     for path in ("layers", "h", "blocks", "decoder.layers", "encoder.layers", "model.layers"):  # model.layers: a
         # base_model_prefix naming no submodule (Gemma 3 / Llama 4 text under transformers 4.57 / 5)
-        mod = backbone
+        mod: Any = backbone
         for part in path.split("."):
             mod = getattr(mod, part, None)
         if isinstance(mod, torch.nn.ModuleList) and len(mod):
@@ -83,8 +84,8 @@ def enable_selective_recompute(model: torch.nn.Module) -> int:
             continue
         if "_dpo_recompute_fn" not in vars(layer):  # made once: the in-place probe's verdict is kept with it
             layer._dpo_recompute_fn = _wrapped(layer.forward)
-        layer.forward = layer._dpo_recompute_fn
-        layer._dpo_recompute = True
+        layer.forward = layer._dpo_recompute_fn  # type: ignore[assignment]  # our instance attribute, set above
+        layer._dpo_recompute = True  # type: ignore[assignment]  # a marker attribute on the layer
     return len(layers)
 
 
@@ -92,7 +93,7 @@ def disable_selective_recompute(model: torch.nn.Module) -> None:
     for layer in decoder_layers(model):
         if getattr(layer, "_dpo_recompute", False):
             del layer.forward  # the instance attribute: the class's forward again
-            layer._dpo_recompute = False
+            layer._dpo_recompute = False  # type: ignore[assignment]  # a marker attribute on the layer
 
 
 def _storage(t: torch.Tensor) -> int | None:
@@ -159,7 +160,7 @@ def _wrapped(forward):
             return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, context_fn=context, **kwargs)
 
-    run.recompute_state = state
+    run.recompute_state = state  # type: ignore[attr-defined]  # a function attribute
     return run
 
 

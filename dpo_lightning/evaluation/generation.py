@@ -112,7 +112,7 @@ def sample_completions(model: torch.nn.Module, prompts: list[list[int]], setting
             torch.manual_seed(seed)
             for start in range(0, len(rows), settings.batch_size):
                 ids, mask = _left_pad(rows[start:start + settings.batch_size], pad_token_id)
-                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),  # type: ignore[operator]  # HF
                                      generation_config=config, synced_gpus=synced_gpus)
                 for seq in gen[:, ids.size(1):].tolist():
                     cut = seq.index(eos_token_id) + 1 if eos_token_id in seq else len(seq)

@@ -58,7 +58,8 @@ class RewardModelJudge(Judge):
                  dtype: str | None = None, device: str | torch.device | None = None):
         self.name_or_path, self.batch_size, self.max_length = name_or_path, batch_size, max_length
         self.dtype, self.device = dtype, device
-        self.model = self.tokenizer = None
+        self.model: Any = None  # a transformers model and tokenizer once loaded
+        self.tokenizer: Any = None
 
     def load(self, device: str | torch.device | None = None) -> RewardModelJudge:
         if self.model is None:

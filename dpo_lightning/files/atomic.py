@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -129,7 +129,13 @@ def replace_folder(tmp: Path, out_dir: Path) -> None:
     remove_path(aside)
 
 
-class AtomicFolderSave:
+if TYPE_CHECKING:  # a mixin for Lightning strategies: its super() calls and attributes are a Strategy's
+    from lightning.pytorch.strategies import Strategy as _StrategyBase
+else:
+    _StrategyBase = object
+
+
+class AtomicFolderSave(_StrategyBase):
     """Sharded checkpoints are folders (one file per rank): every rank writes into ``.<name>.tmp`` beside the
     target, then rank 0 renames it into place (the old checkpoint renamed aside first, ``replace_folder``),
     so a process killed mid-save leaves the previous checkpoint whole. Needs a filesystem all ranks share."""

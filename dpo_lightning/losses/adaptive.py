@@ -106,6 +106,7 @@ def simper(x: LossInputs) -> LossOutput:
     """
     need(x, "simper", "chosen_logps", "rejected_logps")
     completion_lengths(x, "simper")  # the module passes averaged log-probs; lengths must be present
+    assert x.chosen_logps is not None and x.rejected_logps is not None  # need() checked them
     pc, pr = torch.exp(x.chosen_logps), torch.exp(x.rejected_logps)  # [B] each, 1 / perplexity
     losses = -pc + pr  # Eq. 6
     return LossOutput(losses.mean(), losses, pc.detach(), pr.detach(), {})

@@ -44,6 +44,7 @@ def bco(x: LossInputs, *, beta: float = 0.1) -> LossOutput:
     validation reads it unchanged, as TRL's ``do_train=False``.
     """
     need(x, "bco", "logps", "ref_logps", "labels")
+    assert x.logps is not None and x.ref_logps is not None and x.labels is not None  # need() checked them
     rewards = beta * (x.logps - x.ref_logps)  # [B]
     if torch.is_grad_enabled() and rewards.requires_grad:
         update_running_mean(x.state, rewards)

@@ -86,6 +86,7 @@ def combine(x: LossInputs, members: list[tuple[str, float, dict[str, Any]]]) -> 
         first = first or out
         for k, v in out.metrics.items():
             metrics.setdefault(k, v)
+    assert loss is not None and losses is not None and first is not None  # normalize() refuses no members
     return LossOutput(loss, losses, first.chosen_rewards, first.rejected_rewards, metrics)
 
 

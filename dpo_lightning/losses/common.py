@@ -17,6 +17,8 @@ def need(x: LossInputs, loss: str, *fields: str) -> None:
 
 def logratios(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) log-ratios log pi/pi_ref of the policy against the reference, each [B]."""
+    assert x.chosen_logps is not None and x.rejected_logps is not None  # paired inputs
+    assert x.ref_chosen_logps is not None and x.ref_rejected_logps is not None  # a reference-based loss
     return x.chosen_logps - x.ref_chosen_logps, x.rejected_logps - x.ref_rejected_logps
 
 
@@ -28,6 +30,7 @@ def reference_rewards(x: LossInputs, beta: float) -> tuple[torch.Tensor, torch.T
 
 def policy_rewards(x: LossInputs, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """TRL CPO/ORPO trainers' rewards of reference-free losses: beta * policy log-probs, detached, each [B]."""
+    assert x.chosen_logps is not None and x.rejected_logps is not None  # paired inputs
     return beta * x.chosen_logps.detach(), beta * x.rejected_logps.detach()
 
 
@@ -41,6 +44,7 @@ def rewards(x: LossInputs, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
 def completion_lengths(x: LossInputs, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Completion token counts (chosen, rejected) as floats, at least 1 (TRL's ``clamp(min=1.0)``)."""
     need(x, loss, "chosen_lengths", "rejected_lengths")
+    assert x.chosen_lengths is not None and x.rejected_lengths is not None and x.chosen_logps is not None
     return x.chosen_lengths.clamp(min=1).to(x.chosen_logps.dtype), x.rejected_lengths.clamp(min=1).to(
         x.chosen_logps.dtype)
 
@@ -53,6 +57,7 @@ def wpo(losses: torch.Tensor, x: LossInputs) -> torch.Tensor:
     """
     if x.chosen_weights is None:
         return losses
+    assert x.rejected_weights is not None  # the module fills both or neither
     return losses * (x.chosen_weights * x.rejected_weights).to(losses.dtype)
 
 

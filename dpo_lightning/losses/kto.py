@@ -17,6 +17,7 @@ from dpo_lightning.losses.registry import LossInputs, LossOutput, register
 def kl_estimate(x: LossInputs) -> torch.Tensor:
     """TRL KTOTrainer's KL term: mean over the batch (and ranks) of log pi/pi_ref on the mismatched
     (prompt i, completion i-1) rows, clamped at 0 and detached. Needs at least 2 rows."""
+    assert x.logps is not None  # kto's need() checked it
     n = x.logps.shape[0]
     if n < 2:
         raise ValueError(f"kto: a batch of {n} example cannot estimate the KL term (it needs completions of other "
@@ -37,6 +38,7 @@ def kto(x: LossInputs, *, beta: float = 0.1, desirable_weight: float = 1.0,
     lambda_D n_D / (lambda_U n_U) in [1, 4/3] when the classes are imbalanced.
     """
     need(x, "kto", "logps", "ref_logps", "labels")
+    assert x.logps is not None and x.ref_logps is not None and x.labels is not None  # need() checked them
     z0 = kl_estimate(x)
     logratio = x.logps - x.ref_logps  # [B]
     labels = x.labels.bool()
@@ -51,6 +53,7 @@ def kto(x: LossInputs, *, beta: float = 0.1, desirable_weight: float = 1.0,
 def apo_zero_unpaired(x: LossInputs, *, beta: float = 0.1) -> LossOutput:
     """1 - sigma(beta r) for desirable rows, sigma(beta r) for undesirable ones; no KL term (logged as 0)."""
     need(x, "apo_zero_unpaired", "logps", "ref_logps", "labels")
+    assert x.logps is not None and x.ref_logps is not None and x.labels is not None  # need() checked them
     logratio = x.logps - x.ref_logps
     labels = x.labels.bool()
     losses = torch.where(labels, 1 - torch.sigmoid(beta * logratio), torch.sigmoid(beta * logratio))

@@ -52,6 +52,8 @@ def aot(x: LossInputs, *, beta: float = 0.1, label_smoothing: float = 0.0) -> Lo
     Optimal transport in 1-D is sorting, so example i of ``losses`` belongs to the i-th smallest gap,
     not to pair i (as in TRL). No WPO weighting: sorting would misalign the per-pair weights (TRL refuses it).
     """
+    assert x.chosen_logps is not None and x.rejected_logps is not None  # paired inputs
+    assert x.ref_chosen_logps is not None and x.ref_rejected_logps is not None  # a reference-based loss
     gaps = torch.sort(x.chosen_logps - x.rejected_logps, dim=0)[0]
     ref_gaps = torch.sort(x.ref_chosen_logps - x.ref_rejected_logps, dim=0)[0]
     return paired_output(_aot_loss(gaps - ref_gaps, beta, label_smoothing), x, beta)
@@ -91,5 +93,6 @@ def sft(x: LossInputs, *, beta: float = 0.1) -> LossOutput:
     is used for those rewards only; alone, ``sft`` still loads one (TRL parity), in RPO/MPO it is shared.
     """
     need(x, "sft", "chosen_nll", "chosen_logps")
+    assert x.chosen_nll is not None and x.chosen_logps is not None  # need() checked them
     losses = x.chosen_nll.expand(x.chosen_logps.shape[0])
     return paired_output(wpo(losses, x), x, beta, {"nll_loss": x.chosen_nll.detach()})

@@ -40,6 +40,7 @@ def orpo(x: LossInputs, *, beta: float = 0.1) -> LossOutput:
     terms, rewards and log_odds_* metrics match; mean log-probs in (-eps, 0] are clamped (see log1mexp).
     """
     need(x, "orpo", "chosen_nll")
+    assert x.chosen_nll is not None and x.chosen_logps is not None and x.rejected_logps is not None  # paired
     c, r = x.chosen_logps.float(), x.rejected_logps.float()
     log_odds = (c - r) - (log1mexp(c) - log1mexp(r))  # [B]
     ratio = F.logsigmoid(log_odds)
@@ -53,6 +54,7 @@ def _cpo_like(x: LossInputs, name: str, beta: float, gamma: float, label_smoothi
               alpha: float = 0.0) -> LossOutput:
     """TRL CPOTrainer.cpo_loss (sigmoid/simpo) + cpo_alpha * NLL, optionally with AlphaPO rewards."""
     c, r = x.chosen_logps, x.rejected_logps
+    assert c is not None and r is not None  # paired inputs
     if alpha != 0.0:  # AlphaPO reward (1 - p^-alpha) / alpha with p = exp(log-prob), written stably
         c, r = -torch.expm1(-alpha * c) / alpha, -torch.expm1(-alpha * r) / alpha
     logits = (c - r) - gamma / beta  # gamma = 0: CPO
@@ -62,6 +64,7 @@ def _cpo_like(x: LossInputs, name: str, beta: float, gamma: float, label_smoothi
         metrics["nll_loss"] = x.chosen_nll.detach()
     if cpo_alpha != 0.0:
         need(x, name, "chosen_nll")
+        assert x.chosen_nll is not None  # need() checked it
         losses = losses + cpo_alpha * x.chosen_nll
     chosen_rewards, rejected_rewards = beta * c.detach(), beta * r.detach()  # c, r: log-probs or alpha-rewards
     return LossOutput(losses.mean(), losses, chosen_rewards, rejected_rewards, metrics)

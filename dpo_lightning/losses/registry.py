@@ -130,7 +130,7 @@ class LossSpec:
     def ranges(self) -> dict[str, Range]:
         """Valid range of each numeric hyperparameter (``HPARAM_RANGES`` by name, then this loss's own)."""
         own = dict(self.range_overrides)
-        return {k: own.get(k, HPARAM_RANGES.get(k)) for k in sorted(self.keywords | set(self.modifiers))
+        return {k: own[k] if k in own else HPARAM_RANGES[k] for k in sorted(self.keywords | set(self.modifiers))
                 if k in own or k in HPARAM_RANGES}
 
     @property

@@ -42,13 +42,13 @@ def is_peft_model(model: torch.nn.Module | None) -> bool:
 
 def peft_base(model: torch.nn.Module) -> torch.nn.Module:
     """The wrapped base model of a PEFT model (where the LoRA layers live); any other model itself."""
-    return model.get_base_model() if is_peft_model(model) else model
+    return model.get_base_model() if is_peft_model(model) else model  # type: ignore[operator]  # PEFT's method
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module):
     """Run a PEFT model as its base model inside the block."""
-    with model.disable_adapter():
+    with model.disable_adapter():  # type: ignore[operator]  # PEFT's method
         yield
 
 
@@ -60,7 +60,7 @@ def adapter_active(model: torch.nn.Module, name: str):
     saved = [m.__dict__.get("_active_adapter") for m in layers]
     try:
         for m in layers:
-            m._active_adapter = [name]
+            m._active_adapter = [name]  # type: ignore[assignment]  # a PEFT layer's attribute
         yield
     finally:
         for m, old in zip(layers, saved):

@@ -83,12 +83,13 @@ def bnb_config(settings: dict[str, Any] | None):
         return None
     from transformers import BitsAndBytesConfig
 
+    assert settings is not None  # quantization_bits(None) is None
     return BitsAndBytesConfig(**bnb_kwargs(settings))
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
     """True when the model was loaded with bitsandbytes 4-bit or 8-bit weights."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]  # PEFT
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
                 or getattr(base, "is_quantized", False))
 
@@ -121,7 +122,7 @@ def keep_off_cpu_packed_path(model: torch.nn.Module) -> int:
         if getattr(module, CPU_PACKED_FLAG):
             changed += 1
         setattr(module, CPU_PACKED_FLAG, False)
-        weight = getattr(module, "weight", None)
+        weight: Any = getattr(module, "weight", None)  # a bitsandbytes Params4bit
         state = getattr(weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse

@@ -27,7 +27,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -103,7 +103,7 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def text_config(base: torch.nn.Module):
-    cfg = base.config
+    cfg: Any = base.config  # a transformers PretrainedConfig
     try:
         return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     except (AttributeError, ValueError):  # a composite config whose text part cannot be told apart
@@ -124,7 +124,7 @@ def backbone_of(base: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
 def output_head(base: torch.nn.Module) -> torch.nn.Module | None:
     """The LM head (``get_output_embeddings``), or None when the model does not say."""
     try:
-        head = base.get_output_embeddings()
+        head = base.get_output_embeddings()  # type: ignore[operator]  # a transformers model's method
     except (AttributeError, NotImplementedError, TypeError):
         return None
     return head if isinstance(head, torch.nn.Module) else None
@@ -207,7 +207,7 @@ def _peft_head(head: torch.nn.Module):
         parts = [h] + [head.scaling[n] * head.lora_A[n](head.lora_dropout[n](h)).to(h.dtype) for n in names]
         return torch.cat(parts, dim=-1)  # [T, H + sum r]
 
-    w = torch.cat([weight] + [head.lora_B[n].weight.to(weight.dtype) for n in names], dim=1)  # [V, H + sum r]
+    w = torch.cat([weight] + [cast(torch.Tensor, head.lora_B[n].weight).to(weight.dtype) for n in names], dim=1)  # [V, H + sum r]
     return widen, w, bias
 
 
@@ -282,7 +282,7 @@ def engine_plan(model: torch.nn.Module, router_aux_loss_coef: float | None = Non
     A model whose structure the tables and code reading cannot follow (no backbone at ``base_model_prefix``,
     no readable head, an error while reading its code or config) gets ``fallback_plan``: its own forward,
     never a crash. The MoE router loss is still read from the config where it can be."""
-    base = base_model(model)
+    base: Any = base_model(model)  # a transformers model: its attributes are dynamic to mypy
     cached = getattr(base, "_dpo_engine_plan", None)
     if cached is not None:
         return cached

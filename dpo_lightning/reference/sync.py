@@ -77,7 +77,7 @@ def prepare_reference_sync(reference) -> None:
 def _adapter_pairs(policy: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(reference-adapter parameter, policy-adapter parameter) pairs of a PEFT model, matched by name."""
     params = dict(policy.named_parameters())
-    pairs = []
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name, p in params.items():
         if ".default." in name or name.endswith(".default"):
             twin = name.replace(".default.", f".{REFERENCE_ADAPTER}.")

@@ -19,8 +19,7 @@ def override_columns(df) -> list[str]:
 
 def objective_name(df) -> str:
     """The metric the jobs were ranked by (their summaries name it; ``sweep.objective``)."""
-    names = df["objective"].dropna() if "objective" in df else []
-    if len(names):
+    if "objective" in df and len(names := df["objective"].dropna()):
         return str(names.mode().iloc[0])
     has = lambda c: c in df and df[c].notna().any()  # noqa: E731
     return OBJECTIVE if has(OBJECTIVE) or not has("val/rewards/accuracies") else "val/rewards/accuracies"  # older

@@ -26,7 +26,7 @@ log = logging.getLogger("dpo_lightning")
 
 def compose_error(err: BaseException, overrides: Sequence[str], config) -> str:
     """One line naming what does not compose: ``loss=simper has no key 'beta' (loss.beta=0.1)``."""
-    texts = []
+    texts: list[str] = []
     e: BaseException | None = err
     while e is not None and len(texts) < 5:
         texts.append(str(e))

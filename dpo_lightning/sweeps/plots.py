@@ -18,6 +18,7 @@ import csv
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from dpo_lightning.callbacks.curves import smooth
 from dpo_lightning.sweeps.job import short_label, short_value
@@ -115,8 +116,8 @@ def _log_beta_axis(ax, betas: list[float]) -> None:
 
 def beta_figure(df):
     ok = df[df["status"] == "ok"]
-    points = [(str(r["loss_name"]), _num(r["beta"]), r) for _, r in ok.iterrows()]
-    points = [(loss, b, r) for loss, b, r in points if b is not None and b > 0]
+    scored = [(str(r["loss_name"]), _num(r["beta"]), r) for _, r in ok.iterrows()]
+    points = [(loss, b, r) for loss, b, r in scored if b is not None and b > 0]
     if not points:
         return None
     from dpo_lightning.sweeps.columns import SE
@@ -131,7 +132,7 @@ def beta_figure(df):
     colors = _colors(losses)
     # losses at the same beta are set apart by a small factor on the log axis (else they hide each other)
     dodge = {loss: 10 ** (0.025 * (i - (len(losses) - 1) / 2)) for i, loss in enumerate(losses)}
-    handles = {}
+    handles: dict[str, Any] = {}
     for ax, (metric, label) in zip(axes[0], metrics):
         for loss in losses:
             pts = []
@@ -196,7 +197,7 @@ def curves_figure(df):
                 continue
             color = colors[loss] if by_loss else colors[str(job)]
             label = loss if by_loss else labels.get(job, str(job))
-            steps, values = zip(*pts)
+            steps, values = (list(x) for x in zip(*pts))
             if metric.startswith("train/"):
                 values = smooth(values)
                 if metric == "train/loss":  # relative to the start: IPO's ~20 and sigmoid's ~0.7 on one axis
@@ -235,7 +236,7 @@ def frontier_figure(df):
     fig, ax = plt.subplots(figsize=(6, 4.6), layout="constrained")
     losses = sorted({str(r["loss_name"]) for r in rows})
     colors = _colors(losses)
-    handles = {}
+    handles: dict[str, Any] = {}
     for r in rows:
         loss = str(r["loss_name"])
         xe, ye = _num(r.get("gen/kl" + SE)) or 0.0, _num(r.get(ycol + SE)) or 0.0

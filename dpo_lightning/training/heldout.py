@@ -65,7 +65,7 @@ class HeldOutRecorder:
         of paired rows, or None; ``losses`` / ``margins``: [B] the loss's own per-example loss and reward
         margin (chosen minus rejected reward), or None."""
         idx = [int(i) for i in index.tolist()]
-        cols: dict[str, list[float]] = {}
+        cols: dict[str, list[Any]] = {}  # floats, or (chosen, rejected) tuples
         for name, t in (("loss", losses), ("margin", margins)):
             if t is not None and t.numel() == len(idx):
                 cols[name] = t.detach().float().cpu().tolist()
@@ -79,9 +79,9 @@ class HeldOutRecorder:
         """End of a validation: gather ranks' rows; an untrained policy's validation sets the baseline."""
         rows = _gather(self.rows)
         if untrained and not self.baseline_source:
-            base = {i: r["policy"] for i, r in rows.items() if "policy" in r}
-            if base:
-                self.baseline, self.baseline_source = base, "the validation before training"
+            initial = {i: r["policy"] for i, r in rows.items() if "policy" in r}
+            if initial:
+                self.baseline, self.baseline_source = initial, "the validation before training"
         for i, r in rows.items():
             pol = r.get("policy")
             base = self.baseline.get(i)

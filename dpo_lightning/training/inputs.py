@@ -48,6 +48,7 @@ def batch_reference(batch: dict[str, Any], key: str, lengths: torch.Tensor, ld_a
 def wpo_weights(out: SeqLogps) -> torch.Tensor:
     """WPO (Zhou et al. 2024, arXiv:2406.11827, Eq. 2) per-sequence weights [S], no grad:
     exp(mean over tokens of log p - log sum_v p_v^2), as TRL 1.16 computes them."""
+    assert out.log_sum_sq is not None  # computed when the loss weights (want_sq)
     aligned = (out.token_logps.detach() - out.log_sum_sq)
     sums = aligned.new_zeros(out.lengths.numel()).index_add(0, out.seq, aligned)
     return torch.exp(sums / out.lengths.clamp(min=1))
@@ -68,6 +69,7 @@ def build_inputs(loss: Loss, policy: SeqLogps, reference: SeqLogps | None,
         return logps / out.lengths.clamp(min=1) if loss.length_normalized else logps
 
     logps, ref = finish(policy), finish(reference)
+    assert logps is not None  # the policy's are always there
     metrics: dict[str, torch.Tensor] = {}
     if paired:
         x = LossInputs(chosen_logps=logps[:B], rejected_logps=logps[B:2 * B],
@@ -86,8 +88,8 @@ def build_inputs(loss: Loss, policy: SeqLogps, reference: SeqLogps | None,
         if loss.hparams.get("use_weighting"):
             w = wpo_weights(policy)
             x.chosen_weights, x.rejected_weights = w[:B], w[B:2 * B]
-        metrics["logps/chosen"] = x.chosen_logps.detach().mean()
-        metrics["logps/rejected"] = x.rejected_logps.detach().mean()
+        metrics["logps/chosen"] = logps[:B].detach().mean()  # x.chosen_logps
+        metrics["logps/rejected"] = logps[B:2 * B].detach().mean()  # x.rejected_logps
         metrics["logits/chosen"] = policy.logits_sum[:B].sum() / lengths[:B].sum().clamp(min=1)
         metrics["logits/rejected"] = policy.logits_sum[B:2 * B].sum() / lengths[B:2 * B].sum().clamp(min=1)
     else:
@@ -105,6 +107,6 @@ def build_inputs(loss: Loss, policy: SeqLogps, reference: SeqLogps | None,
         for name, sel in (("chosen", labels), ("rejected", ~labels)):
             rows = sel.nonzero(as_tuple=True)[0]
             if rows.numel():
-                metrics[f"logps/{name}"] = x.logps.detach()[rows].mean()
+                metrics[f"logps/{name}"] = logps[:B].detach()[rows].mean()  # x.logps
                 metrics[f"logits/{name}"] = policy.logits_sum[rows].sum() / lengths[rows].sum().clamp(min=1)
     return x, metrics

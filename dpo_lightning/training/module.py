@@ -10,12 +10,14 @@ Works with any Lightning strategy, precision, callback or logger; Hydra is not n
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
 
 from dpo_lightning.engine.logprobs import (
     SeqLogps,
@@ -83,7 +85,7 @@ class PreferenceLitModule(L.LightningModule):
                  scheduler: SchedulerSpec | dict | None = None, chunk_size: int = 1024, full_logits: bool = False,
                  peft: dict | None = None, gradient_checkpointing: bool = False, compile: bool = False,
                  softmax_cache_mb: float = 512, verify: bool = True, router_aux_loss_coef: float | None = None,
-                 nonfinite: dict | None = None, recompute_pointwise: bool = True):
+                 nonfinite: dict | None = None, recompute_pointwise: bool = True) -> None:
         super().__init__()
         self.model_spec = _as(ModelSpec, model)
         if isinstance(loss, str):
@@ -95,7 +97,7 @@ class PreferenceLitModule(L.LightningModule):
         self.optimizer_spec = _as(OptimizerSpec, optimizer)
         self.scheduler_spec = _as(SchedulerSpec, scheduler)
         self.chunk_size, self.full_logits = chunk_size, full_logits
-        self.gradient_checkpointing, self.compile, self.softmax_cache_mb = gradient_checkpointing, compile, softmax_cache_mb
+        self.gradient_checkpointing, self.compile, self.softmax_cache_mb = gradient_checkpointing, compile, softmax_cache_mb  # type: ignore[method-assign, assignment]  # a flag in LightningModule.compile's place
         self.recompute_pointwise = recompute_pointwise
         self.save_hyperparameters({
             "model": asdict(self.model_spec), "loss": {"name": loss.name, **loss.hparams},
@@ -133,7 +135,7 @@ class PreferenceLitModule(L.LightningModule):
         if self._engine_checked:
             return
         self._engine_checked = True
-        kw = {"chunk_size": self.chunk_size, "probe": self.engine_verify, "full_logits": self.full_logits}
+        kw: dict[str, Any] = {"chunk_size": self.chunk_size, "probe": self.engine_verify, "full_logits": self.full_logits}
         lines = verify(self.policy, label="policy", adapter_states=self.reference.mode is Mode.ADAPTER, aux=True, **kw)
         if self.reference.module is not None:
             lines += verify(self.reference.module, label="reference", **kw)
@@ -164,6 +166,7 @@ class PreferenceLitModule(L.LightningModule):
         inputs.state = self.loss_state
         out = self.loss_fn(inputs)
         if policy.aux_loss is not None:  # MoE: TRL 1.16 adds router_aux_loss_coef * aux_loss to the policy loss
+            assert self.policy_plan.aux is not None  # an aux loss is computed only under the plan's aux
             out.loss = out.loss + self.policy_plan.aux["coef"] * policy.aux_loss
             metrics["aux_loss"] = policy.aux_loss.detach()
         metrics["loss"] = out.loss.detach()
@@ -186,7 +189,7 @@ class PreferenceLitModule(L.LightningModule):
         ``reference.precompute``: fill the datamodule's rows with cached reference log-probs (computed
         once with the initial weights, before any dataloader exists; ``reference/cache.py``)."""
         strategy = getattr(self._trainer, "strategy", None)
-        whole_layers = self.gradient_checkpointing or self.compile or getattr(strategy, "_checkpoint_layers", False)
+        whole_layers = self.gradient_checkpointing or self.compile or getattr(strategy, "_checkpoint_layers", False)  # type: ignore[truthy-function]
         # DeepSpeed gathers ZeRO-3 partitions in its own module hooks: untested with recomputation, so not used
         if self.recompute_pointwise and not whole_layers and "DeepSpeed" not in type(strategy).__name__:
             from dpo_lightning.engine.recompute import enable_selective_recompute
@@ -194,7 +197,7 @@ class PreferenceLitModule(L.LightningModule):
             enable_selective_recompute(self.policy)
         if self.reference.is_precomputed:
             self.verify_engine()  # the cached values come from the same engine
-            infos = self.reference.precompute(self.trainer.datamodule, trainer=self._trainer,
+            infos = self.reference.precompute(self.trainer.datamodule, trainer=self._trainer,  # type: ignore[attr-defined]
                                               chunk_size=self.chunk_size, policy_trained=self._policy_trained)
             for info in infos:
                 how = "loaded from" if info["hit"] else f"computed in {info['seconds']:.1f}s, saved to"
@@ -207,20 +210,20 @@ class PreferenceLitModule(L.LightningModule):
         frozen = [n for n, m in self.named_modules() if not m.training]
         if frozen and all(n == "reference" or n.startswith("reference.") for n in frozen):
             warnings.filterwarnings("ignore", message=rf"Found {len(frozen)} module\(s\) in eval mode at the start")
-            self._eval_warning_filter = warnings.filters[0]
+            self._eval_warning_filter: Any = warnings.filters[0]
 
     def on_train_start(self) -> None:
         self._policy_trained = True
-        loader = self.trainer.train_dataloader  # NLL token means invariant to accumulation (data/accumulation.py)
+        loader: Any = self.trainer.train_dataloader  # NLL token means invariant to accumulation (data/accumulation.py)
         if hasattr(loader, "accumulate"):
             loader.accumulate = int(self.trainer.accumulate_grad_batches)
         flt = getattr(self, "_eval_warning_filter", None)
         if flt is not None and flt in warnings.filters:
-            warnings.filters.remove(flt)
+            warnings.filters.remove(flt)  # type: ignore[attr-defined]  # a list at runtime
             getattr(warnings, "_filters_mutated", lambda: None)()  # what filterwarnings itself calls
         self._eval_warning_filter = None
 
-    def configure_callbacks(self):
+    def configure_callbacks(self) -> list[L.Callback]:
         """TR-DPO (``reference.sync``): the callback that moves the reference (``reference/sync.py``)."""
         if self.reference.sync:
             alpha, every = self.reference.sync
@@ -231,19 +234,19 @@ class PreferenceLitModule(L.LightningModule):
     def _batch_size(self, batch) -> int:
         return int(batch["index"].numel())
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out, metrics = self.compute_loss(batch)
         loss_value = metrics.pop("loss")
         if self.nonfinite is not None:
             self.nonfinite.observe(out.loss, batch["index"])
-            metrics["skipped_steps"] = float(self.nonfinite.skipped)  # a Python number: Lightning places it
+            metrics["skipped_steps"] = float(self.nonfinite.skipped)  # type: ignore[assignment]  # a Python number: Lightning places it
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False,
                       batch_size=self._batch_size(batch))
         # the loss is averaged over ranks (DDP/FSDP/DeepSpeed): the logged value is the global batch's
         self.log("train/loss", loss_value, prog_bar=True, batch_size=self._batch_size(batch), sync_dist=True)
         return out.loss
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out, metrics, (policy, reference) = self._compute(batch)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, on_step=False, on_epoch=True,
                       sync_dist=True, batch_size=self._batch_size(batch))
@@ -280,13 +283,14 @@ class PreferenceLitModule(L.LightningModule):
         if stats is not None:  # already gathered from every rank: the same value everywhere
             self.log(OBJECTIVE, stats["mean"], on_step=False, on_epoch=True, sync_dist=False)
 
-    def test_step(self, batch, batch_idx):
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         _, metrics = self.compute_loss(batch)
         self.log_dict({f"test/{k}": v for k, v in metrics.items()}, on_step=False, on_epoch=True,
                       sync_dist=True, batch_size=self._batch_size(batch))
 
     # ---------------------------------------------------------------- optim
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
+                       optimizer_closure: Callable[[], Any] | None = None) -> None:
         """Step, then drop the gradients at once (as Hugging Face's Trainer does) rather than at the next
         backward, so they do not sit in memory through the next forward.
 
@@ -295,6 +299,7 @@ class PreferenceLitModule(L.LightningModule):
         of stepping (``nonfinite.py``). The step still counts toward ``max_steps``."""
         guard = self.nonfinite if optimizer_closure is not None and self._guard_applies() else None
         if guard is not None:
+            assert optimizer_closure is not None  # the guard applies only with a closure
             loss = optimizer_closure()
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if guard.should_skip(params, self.trainer.global_step, self.device):
@@ -312,7 +317,7 @@ class PreferenceLitModule(L.LightningModule):
         self.nonfinite.check_gradients = getattr(self.trainer.precision_plugin, "scaler", None) is None
         return True
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = self.optimizer_spec.build(params)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1

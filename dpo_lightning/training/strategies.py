@@ -55,6 +55,7 @@ def strategy_kind(node: Any) -> str:
             return "auto"
         from hydra.utils import get_class, get_method
 
+        obj: Any  # a class, or a factory function
         try:
             obj = get_class(target)
         except Exception:  # a factory function, or a class that does not import here
@@ -173,6 +174,7 @@ class FSDPStrategy(AtomicFolderSave, _LFSDP):
                 del state_dict[key]
             loaded[:] = list(state_dict)
 
+        assert self.model is not None  # connected before a checkpoint loads
         handle = self.model.register_state_dict_post_hook(skip_reference)
         try:
             metadata = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
@@ -220,6 +222,8 @@ class ModelParallelStrategy(AtomicFolderSave, _LModelParallel):
         from lightning.fabric.utilities.optimizer import _optimizers_to_device
         from lightning.pytorch.trainer.states import TrainerFn
 
+        assert self.accelerator is not None and self.model is not None  # as Lightning's own setup asserts
+        assert self.lightning_module is not None
         self.accelerator.setup(trainer)
         if not self._sharded:
             self._shard(self.lightning_module)
