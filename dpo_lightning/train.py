@@ -22,8 +22,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dpo_lightning.callbacks.preemption import PreemptionCheckpoint, resolve_ckpt_path
+from dpo_lightning.callbacks.preemption import PreemptionCheckpoint
+from dpo_lightning.callbacks.resume import CheckpointError, RunState, logger_resume_kwargs, resume_point
 from dpo_lightning.cli.locate import config_dir
+from dpo_lightning.cli.run_lock import RunFolderBusy, RunLock
 from dpo_lightning.cli.runtime import flatten, prepare_wandb, print_config_tree, save_config, wandb_sync_hint
 from dpo_lightning.config.validate import ConfigError, validate_config
 from dpo_lightning.data.formats import DataError
@@ -47,7 +49,7 @@ log = logging.getLogger("dpo_lightning")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 
-def build(cfg: DictConfig, *, with_trainer: bool = True) -> dict[str, Any]:
+def build(cfg: DictConfig, *, with_trainer: bool = True, resume: Any = None) -> dict[str, Any]:
     """Instantiate every object a run needs from a composed config (no training)."""
     model_spec = instantiate(cfg.model, _convert_="all")
     loss = instantiate(cfg.loss, _convert_="all")
@@ -65,7 +67,8 @@ def build(cfg: DictConfig, *, with_trainer: bool = True) -> dict[str, Any]:
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
         if cfg.get("preemption", True):  # SIGTERM / SLURM requeue: checkpoint at the next step, every rank, exit
             callbacks.append(PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"))
-        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+        callbacks.append(RunState())  # the W&B run id and the "before" validation travel in checkpoints
+        loggers = [instantiate(c, **logger_resume_kwargs(c, resume)) for c in (cfg.get("logger") or {}).values() if c]
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                               strategy=build_strategy(cfg.get("strategy")), plugins=[AtomicCheckpointIO()])
         out.update(callbacks=callbacks, loggers=loggers, trainer=trainer)
@@ -79,12 +82,14 @@ def _metric(results: list[dict], key: str) -> float | None:
 def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, Any]:
     """Run one training job; returns a summary (accuracies before/after, throughput, paths) and writes it to
     ``job_summary.json``. Whatever outlives the job in this process (the W&B run) is reset in a ``finally``."""
-    failed = True
+    failed, lock = True, RunLock(cfg.paths.output_dir)  # one live run per run folder (rank 0 / launcher)
     try:
+        lock.acquire()
         summary = _train(cfg, job)
         failed = False
         return summary
     finally:
+        lock.release()
         finish_globals(failed)
 
 
@@ -98,7 +103,8 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
     save_config(cfg, f"{cfg.paths.output_dir}/config.yaml")
     if notice:
         log.warning(notice)
-    objs = build(cfg)
+    resume = resume_point(cfg.get("ckpt_path"), cfg.paths.output_dir)  # ckpt_path=last skips unreadable ones
+    objs = build(cfg, resume=resume)
     module, dm, trainer = objs["module"], objs["datamodule"], objs["trainer"]
     for lg in objs["loggers"]:
         lg.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
@@ -107,8 +113,11 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
     dm.release_tokenizer()  # the rows are tokenized; the export reloads it
     release_free_memory()
     has_val = bool(dm.val_rows)
-    before = trainer.validate(module, datamodule=dm, verbose=False) if has_val and cfg.get("eval_before") else []
-    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir))
+    if resume is not None:  # a resumed run recorded its "before" validation already (the checkpoint has it)
+        before = [resume.before] if resume.before else []
+    else:
+        before = trainer.validate(module, datamodule=dm, verbose=False) if has_val and cfg.get("eval_before") else []
+    trainer.fit(module, datamodule=dm, ckpt_path=resume.path if resume else None)
     after = trainer.validate(module, datamodule=dm, verbose=False) if has_val else []
 
     summary: dict[str, Any] = {
@@ -176,7 +185,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return None if summary is None else summary.get("val/rewards/accuracies (after)")
     try:
         summary = train(cfg)
-    except (DataError, ConfigError, FileNotFoundError, NonFiniteError) as err:
+    except (DataError, ConfigError, FileNotFoundError, NonFiniteError, CheckpointError, RunFolderBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return summary.get("val/rewards/accuracies (after)")  # the sweep objective
