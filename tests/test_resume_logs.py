@@ -48,6 +48,11 @@ class KillAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+class ReportValidations(L.Callback):
+    """Print a line for every validation: which Trainer entry point ran it, at which step."""
+    def on_validation_end(self, trainer, pl_module):
+        print(f"[validation] {getattr(trainer.state.fn, 'value', trainer.state.fn)} at step {trainer.global_step}", flush=True)
 '''
 
 
@@ -157,9 +162,12 @@ def test_sigkill_then_resume_continues_the_logs(tmp_path, loggers):
     assert ckpt["global_step"] == 12 and ckpt["epoch"] == 0  # mid-epoch, after the validation of step 12
     assert (broken / "run.lock").exists()  # SIGKILL: the lock file stays; the next run takes it over
 
-    res = _train([*args, f"paths.output_dir={broken}", f"ckpt_path={broken}/checkpoints/last.ckpt"], env, tmp_path)
+    res = _train([*args, f"paths.output_dir={broken}", f"ckpt_path={broken}/checkpoints/last.ckpt",
+                  "+callbacks.report._target_=killer_cb.ReportValidations"], env, tmp_path)
     assert "taking over" in res.stdout and "Traceback" not in res.stderr
-    # the "before" validation is not run again (a CSV row at step 0 would repeat): the checkpoint reports it
+    # the "before" validation is not run again; the summary reports the one the checkpoint holds
+    assert [line for line in res.stdout.splitlines() if line.startswith("[validation]")] == \
+        ["[validation] fit at step 24", "[validation] validate at step 24"]
     assert _accuracy_line(res.stdout) == _accuracy_line(first.stdout)
     a, b = _weights(straight), _weights(broken)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -179,3 +187,47 @@ def test_sigkill_then_resume_continues_the_logs(tmp_path, loggers):
         assert resumed.get(k, []) == [p for p in points if p[0] >= 12], k
         before = [p for p in killed.get(k, []) if p[0] < 12]
         assert before == points[:len(before)], k
+
+
+def test_csv_logger_keeps_the_rows_before_the_resume_step_and_appends(tmp_path):
+    """Unit level: the interrupted run's metrics.csv (rows at steps 0-14), resumed at step 12 with a metric the
+    file has no column for yet: rows 0-11 stay, 12-14 go, the new rows follow under the widened header."""
+    from dpo_lightning.callbacks.logs import ContinuingCSVLogger
+
+    first = ContinuingCSVLogger(str(tmp_path), name="csv", version="", flush_logs_every_n_steps=1)
+    for step in range(15):
+        first.log_metrics({"train/loss": step / 10, **({"val/loss": 1.0} if step == 11 else {})}, step=step)
+    first.save()
+    resumed = ContinuingCSVLogger(str(tmp_path), name="csv", version="", resume_step=12)
+    for step in range(12, 16):
+        resumed.log_metrics({"train/loss": step / 10, "train/new": 1.0}, step=step)
+    resumed.save()
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == list(range(16))
+    assert [float(r["train/loss"]) for r in rows] == [s / 10 for s in range(16)]
+    assert rows[11]["val/loss"] == "1.0" and rows[11]["train/new"] == "" and rows[15]["train/new"] == "1.0"
+    fresh = ContinuingCSVLogger(str(tmp_path), name="csv", version="")  # no resume: Lightning's (a new file)
+    fresh.log_metrics({"train/loss": 0.5}, step=0)
+    fresh.save()
+    assert (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[1:] == ["0,0.5"]
+
+
+def test_logger_resume_kwargs():
+    from omegaconf import OmegaConf
+
+    from dpo_lightning.callbacks.resume import ResumePoint, logger_resume_kwargs
+
+    point = ResumePoint("x.ckpt", global_step=12, log_step=12, wandb_id="run123")
+    cfgs = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "logger" / "csv.yaml")
+    assert logger_resume_kwargs(cfgs.csv, point) == {"resume_step": 12}
+    assert logger_resume_kwargs({"_target_": "lightning.pytorch.loggers.TensorBoardLogger"}, point) == \
+        {"purge_step": 12}
+    wandb = {"_target_": "lightning.pytorch.loggers.WandbLogger", "project": "p"}
+    assert logger_resume_kwargs(wandb, point) == {"id": "run123"}  # with Lightning's resume="allow": online too
+    assert logger_resume_kwargs({**wandb, "id": "mine"}, point) == {}  # an id the user set wins
+    assert logger_resume_kwargs(wandb, None) == {}
+    from lightning.pytorch.loggers import WandbLogger
+
+    init = WandbLogger(project="p", offline=True, **logger_resume_kwargs(wandb, point))._wandb_init
+    assert (init["id"], init["resume"]) == ("run123", "allow")
