@@ -157,7 +157,8 @@ def latest_checkpoint(run_dir: str | Path) -> str | None:
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     """``ckpt_path=last`` -> the newest complete checkpoint of ``run_dir`` (None, with a note, when there is
-    none yet: a requeued job's first start). Any other value is returned unchanged."""
+    none yet: a requeued job's first start). Any other value is returned unchanged. ``dpo-train`` uses
+    ``callbacks.resume.resume_point``, which also reads each candidate (CRCs, structure) and what it holds."""
     if ckpt_path != "last":
         return ckpt_path
     found = latest_checkpoint(run_dir)
