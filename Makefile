@@ -8,6 +8,12 @@ TORCH ?= torch==2.13.0
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "Test tiers (markers in pyproject.toml; a test may carry several):"
+	@echo "  test-fast   everything not marked below: unit and in-process Lightning tests on the tiny model"
+	@echo "  slow        longer end-to-end runs (sweeps, benchmark drivers, kill/requeue, memory scripts)"
+	@echo "  distributed several training processes on the CPU (DDP / FSDP with gloo, parallel sweep jobs)"
+	@echo "  subprocess  launches dpo-train / dpo-eval / python scripts / pip as a user would"
+	@echo "  make test runs all of them; pytest -m distributed (or subprocess, slow) runs one tier"
 
 $(BIN)/dpo-train: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,11 +27,11 @@ setup: $(BIN)/dpo-train  ## create .venv and install torch + the package with it
 run: setup  ## set up, then train on the embedded default (tiny model, synthetic pairs, CPU, < 3 min)
 	$(BIN)/dpo-train
 
-test: setup  ## set up, then run the test suite
+test: setup  ## the whole suite, every tier: what CI runs (target: 15 min on 2 cores)
 	$(BIN)/pytest -q
 
-test-fast: setup  ## the suite without tests marked slow
-	$(BIN)/pytest -q -m "not slow"
+test-fast: setup  ## in-process tests only, after each change (target: 4 min on 2 cores): no slow/distributed/subprocess
+	$(BIN)/pytest -q -m "not slow and not distributed and not subprocess"
 
 lint: setup  ## ruff (pyflakes and friends)
 	$(BIN)/ruff check dpo_lightning tests scripts hydra_plugins

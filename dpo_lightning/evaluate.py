@@ -15,26 +15,22 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from dpo_lightning.callbacks.generation import generation_callback, write_generations
+from dpo_lightning.cli.build import build, build_trainer
 from dpo_lightning.cli.eval_setup import eval_rows, prepare_eval
 from dpo_lightning.cli.locate import config_dir
 from dpo_lightning.cli.runtime import print_config_tree
 from dpo_lightning.config.validate import validate_config
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.files.atomic import atomic_write_json
-from dpo_lightning.training.module import PreferenceLitModule
-from dpo_lightning.training.strategies import build_strategy
-
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+from dpo_lightning.reference.spec import Mode
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -45,24 +41,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("print_config"):
         print_config_tree(cfg)
-    model_spec = instantiate(cfg.model, _convert_="all")
-    loss = instantiate(cfg.loss, _convert_="all")
-    dm = instantiate(cfg.data, _partial_=True, _convert_="all")(
-        tokenizer=model_spec, paired=loss.paired, kl_pairs=bool(getattr(loss, "needs_kl_pairs", False)))
-    module = PreferenceLitModule(model_spec, loss=loss, reference=instantiate(cfg.reference, _convert_="all"),
-                                 peft=OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None,
-                                 **(OmegaConf.to_container(cfg.engine, resolve=True) if cfg.get("engine") else {}))
+    objs = build(cfg, training=False)  # the construction dpo-train uses, without optimizer and scheduler
+    model_spec, loss, dm, module = objs["model_spec"], objs["loss"], objs["datamodule"], objs["module"]
     rows, split = eval_rows(dm, cfg.get("split", "all"))
     generation = generation_callback(cfg, rows, dm)  # generation.num_prompts > 0: sample and score too
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[generation] if generation else [],
-                          enable_checkpointing=False, enable_model_summary=False,
-                          strategy=build_strategy(cfg.get("strategy")))
+    trainer = build_trainer(cfg, logger=False, callbacks=[generation] if generation else [],
+                            enable_checkpointing=False, enable_model_summary=False)
     loader = dm._loader(sorted(rows, key=lambda r: r["index"]), dm.eval_batch_size, shuffle=False)
     results = trainer.validate(module, dataloaders=loader, verbose=False)[0]
     metrics = {k: float(v) for k, v in sorted(results.items())}
     report = {"metrics": metrics, "num_examples": len(rows), "policy": model_spec.name_or_path,
-              "reference": module.reference_mode if module.reference_mode != "model"
-              else module.reference_spec.name_or_path, "loss": {"name": loss.name, **loss.hparams},
+              "reference": module.reference.mode.value if module.reference.mode is not Mode.MODEL
+              else module.reference.spec.name_or_path, "loss": {"name": loss.name, **loss.hparams},
               "data": str(cfg.data.val_path or cfg.data.path), "split": split}
     if generation is not None:  # the samples beside eval.json
         report["generations"] = str(write_generations(generation, cfg.output_json))

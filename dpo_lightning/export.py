@@ -3,6 +3,9 @@ record of its reference, ``save_pretrained`` into a temporary folder that is ren
 
     export_policy(trainer, module, tokenizer, out_dir)   every rank calls it (sharded weights are gathered)
     export_pretrained(model, tokenizer, out_dir)          one unwrapped model, atomically
+    export_module(module, out_dir)                        one call from a plain Lightning script: policy,
+                                                          tokenizer (loaded from the module's model when not
+                                                          given) and reference.json
 
 The folder loads with ``AutoModelForCausalLM.from_pretrained`` (a LoRA policy: its adapter, or merged with
 ``merge_adapters``) and carries ``reference.json`` (``reference/record.py``) for ``dpo-eval``.
@@ -11,7 +14,6 @@ The folder loads with ``AutoModelForCausalLM.from_pretrained`` (a LoRA policy: i
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,9 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as _LDeepSpeed
 from lightning.pytorch.strategies import FSDPStrategy as _LFSDP
 from lightning.pytorch.strategies import ModelParallelStrategy as _LModelParallel
 
-from dpo_lightning.files.atomic import atomic_write_json, replace_folder
-from dpo_lightning.reference.record import REFERENCE_FILE, reference_record
+from dpo_lightning.files.atomic import atomic_write_json, honour_umask, replace_folder, temp_dir
+from dpo_lightning.models.peft import is_peft_model
+from dpo_lightning.reference.record import REFERENCE_FILE
 
 
 def full_policy_state_dict(trainer, module) -> dict[str, torch.Tensor] | None:
@@ -89,7 +92,7 @@ def export_policy(trainer, module, tokenizer, out_dir: str | Path, *, merge_adap
     policy = module.policy
     quantized = bool(getattr(module.model_spec, "quantization", None))
     if state is not None:  # sharded: load the gathered weights into an unwrapped copy
-        extra = getattr(module, "reference_adapter", None)  # TR-DPO's mixed adapter is not exported
+        extra = module.reference.adapter  # TR-DPO's mixed adapter is not exported
         state = {k: v for k, v in state.items() if not extra or f".{extra}." not in k}
         policy = _fresh_policy(module, quantized=False)
         missing, unexpected = policy.load_state_dict(state, strict=False)
@@ -100,15 +103,35 @@ def export_policy(trainer, module, tokenizer, out_dir: str | Path, *, merge_adap
         if unexpected or missing:
             raise RuntimeError(f"export: gathered policy weights do not match the model (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
-    elif merge_adapters and quantized and hasattr(policy, "merge_and_unload"):
+    elif merge_adapters and quantized and is_peft_model(policy):
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         fresh = _fresh_policy(module, quantized=False)
         set_peft_model_state_dict(fresh, {k: v.detach().cpu() for k, v in get_peft_model_state_dict(policy).items()})
         policy = fresh
     return export_pretrained(policy, tokenizer, out_dir, merge_adapters=merge_adapters,
-                             records={REFERENCE_FILE: reference_record(module)})
+                             records={REFERENCE_FILE: module.reference.record()})
 
+
+
+def export_module(module, out_dir: str | Path, tokenizer: Any = None, *, merge_adapters: bool = False) -> Path | None:
+    """Export a trained ``PreferenceLitModule`` in one call, as ``dpo-train`` does: the policy, its tokenizer
+    (``tokenizer``, or loaded from ``module.model_spec``) and ``reference.json``. After ``trainer.fit`` it goes
+    through the module's trainer (call it on every rank: sharded weights are gathered; rank 0 writes and gets
+    the folder, other ranks None); a module never attached to a trainer is saved as it is.
+
+        L.Trainer(...).fit(module, datamodule=data)
+        export_module(module, "my-policy")        # AutoModelForCausalLM / AutoTokenizer.from_pretrained("my-policy")
+    """
+    if tokenizer is None:
+        from dpo_lightning.models.hf import load_tokenizer
+
+        tokenizer = load_tokenizer(module.model_spec)
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None:
+        return export_policy(trainer, module, tokenizer, out_dir, merge_adapters=merge_adapters)
+    return export_pretrained(module.policy, tokenizer, out_dir, merge_adapters=merge_adapters,
+                             records={REFERENCE_FILE: module.reference.record()})
 
 
 def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: bool = False,
@@ -120,13 +143,13 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: 
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = temp_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     try:
-        if merge_adapters and hasattr(model, "merge_and_unload"):
+        if merge_adapters and is_peft_model(model):
             import copy
 
             model = copy.deepcopy(model).merge_and_unload()
-        adapters = list(getattr(model, "peft_config", None) or [])
+        adapters = list(model.peft_config) if is_peft_model(model) else []
         if len(adapters) > 1:  # TR-DPO's mixed "reference" adapter stays out of the export
             model.save_pretrained(tmp, selected_adapters=[model.active_adapter])
         else:
@@ -135,6 +158,7 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: 
             tokenizer.save_pretrained(tmp)
         for name, data in (records or {}).items():
             atomic_write_json(tmp / name, data)
+        honour_umask(tmp)  # the weights file is written 0600 by save_pretrained: readable like any other file
         replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,24 +13,29 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import warnings
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dpo_lightning.callbacks.preemption import PreemptionCheckpoint
-from dpo_lightning.callbacks.resume import CheckpointError, RunState, logger_resume_kwargs, resume_point
+from dpo_lightning.callbacks.resume import CheckpointError, resume_point
+from dpo_lightning.cli.build import build
 from dpo_lightning.cli.locate import config_dir
 from dpo_lightning.cli.run_lock import RunFolderBusy, RunLock
-from dpo_lightning.cli.runtime import flatten, prepare_wandb, print_config_tree, save_config, wandb_sync_hint
+from dpo_lightning.cli.runtime import (
+    config_summary,
+    flatten,
+    prepare_wandb,
+    print_config_tree,
+    save_config,
+    wandb_sync_hint,
+)
 from dpo_lightning.config.validate import ConfigError, validate_config
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.export import export_policy
-from dpo_lightning.files.atomic import AtomicCheckpointIO
+from dpo_lightning.models.hf import ModelLoadError
 from dpo_lightning.sweeps.hydra_callback import register_plugins, sweep_failures, sweep_job_info
 from dpo_lightning.sweeps.job import (
     JobInfo,
@@ -40,39 +45,9 @@ from dpo_lightning.sweeps.job import (
     write_final_summary,
 )
 from dpo_lightning.training.memory import release_free_memory
-from dpo_lightning.training.module import PreferenceLitModule
 from dpo_lightning.training.nonfinite import NonFiniteError
-from dpo_lightning.training.strategies import build_strategy
 
 log = logging.getLogger("dpo_lightning")
-# The frozen reference is in eval mode on purpose; Lightning warns about any such module.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-
-
-def build(cfg: DictConfig, *, with_trainer: bool = True, resume: Any = None) -> dict[str, Any]:
-    """Instantiate every object a run needs from a composed config (no training)."""
-    model_spec = instantiate(cfg.model, _convert_="all")
-    loss = instantiate(cfg.loss, _convert_="all")
-    reference = instantiate(cfg.reference, _convert_="all")
-    datamodule = instantiate(cfg.data, _partial_=True, _convert_="all")(
-        tokenizer=model_spec, paired=loss.paired, kl_pairs=bool(getattr(loss, "needs_kl_pairs", False)))
-    module = PreferenceLitModule(model_spec, loss=loss, reference=reference,
-                                 optimizer=instantiate(cfg.optimizer, _convert_="all"),
-                                 scheduler=instantiate(cfg.scheduler, _convert_="all"),
-                                 peft=OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") else None,
-                                 nonfinite=OmegaConf.to_container(cfg.nonfinite) if cfg.get("nonfinite") else None,
-                                 **(OmegaConf.to_container(cfg.engine, resolve=True) if cfg.get("engine") else {}))
-    out = {"model_spec": model_spec, "loss": loss, "datamodule": datamodule, "module": module}
-    if with_trainer:
-        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-        if cfg.get("preemption", True):  # SIGTERM / SLURM requeue: checkpoint at the next step, every rank, exit
-            callbacks.append(PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"))
-        callbacks.append(RunState())  # the W&B run id and the "before" validation travel in checkpoints
-        loggers = [instantiate(c, **logger_resume_kwargs(c, resume)) for c in (cfg.get("logger") or {}).values() if c]
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                              strategy=build_strategy(cfg.get("strategy")), plugins=[AtomicCheckpointIO()])
-        out.update(callbacks=callbacks, loggers=loggers, trainer=trainer)
-    return out
 
 
 def _metric(results: list[dict], key: str) -> float | None:
@@ -98,9 +73,11 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
     validate_config(cfg)  # invalid combinations fail here, before any model loads
     L.seed_everything(cfg.seed, workers=True)
     notice = prepare_wandb(cfg.get("logger"))
+    save_config(cfg, f"{cfg.paths.output_dir}/config.yaml")
     if cfg.get("print_config"):
         print_config_tree(cfg)
-    save_config(cfg, f"{cfg.paths.output_dir}/config.yaml")
+    else:  # one line; the whole config is in the run folder (or: print_config=true, dpo-train --cfg job)
+        print(config_summary(cfg, f"{cfg.paths.output_dir}/config.yaml"))
     if notice:
         log.warning(notice)
     resume = resume_point(cfg.get("ckpt_path"), cfg.paths.output_dir)  # ckpt_path=last skips unreadable ones
@@ -125,6 +102,7 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
         "val/rewards/accuracies (after)": _metric(after, "val/rewards/accuracies"),
         "val/loss (after)": _metric(after, "val/loss"),
         "steps": trainer.global_step,
+        "val_pairs": len(dm.val_rows) if has_val and getattr(dm.val_rows, "paired", False) else None,
     }
     for cb in objs["callbacks"]:
         if hasattr(cb, "summary"):
@@ -139,11 +117,16 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
                             merge_adapters=bool(cfg.get("export_merged")))
         if out is not None:
             summary["export"] = str(out)
+    if after:  # per-row values of the final validation: standard errors, the sweep objective (heldout.py)
+        summary["heldout"], summary["heldout_rows"] = module.heldout.summary(), module.heldout.values()
     summary["wall_seconds"] = time.perf_counter() - start
     final = {k: float(v) for k, v in (after[0] if after else {}).items()}
     final.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("gen/")})
+    for cb in objs["callbacks"]:  # the last generation evaluation (the validation after fit skips a repeat)
+        final.update({k: float(v) for k, v in (getattr(cb, "last_metrics", None) or {}).items()
+                      if k.startswith("gen/")})
     summary["final_metrics"] = final
-    summary["reference_passes"] = int(any(not i["hit"] for i in getattr(module, "reference_cache_infos", [])))
+    summary["reference_passes"] = int(any(not i["hit"] for i in module.reference.cache_infos))
     summary["wandb_run_id"] = next((lg.version for lg in objs["loggers"] if type(lg).__name__ == "WandbLogger"),
                                    None)
     hint = wandb_sync_hint(objs["loggers"])
@@ -154,19 +137,28 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any], hint: str | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="dpo-train summary", show_header=False)
-    for k, v in summary.items():
-        if isinstance(v, dict) or k in ("reference_passes", "wandb_run_id"):
-            continue
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console().print(table)
+    """The run's summary as plain ``key  value`` lines: paths are printed whole (no table cell to cut them)."""
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in summary.items()
+            if not isinstance(v, dict) and k not in ("reference_passes", "wandb_run_id")]
+    width = max((len(k) for k, _ in rows), default=0)
+    print("dpo-train summary")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
     before, after = summary.get("val/rewards/accuracies (before)"), summary.get("val/rewards/accuracies (after)")
     if after is not None:
-        print(f"held-out reward accuracy: before {before if before is None else f'{before:.3f}'} "
-              f"-> after {after:.3f}")
+        n = summary.get("val_pairs")
+
+        def fmt(p):  # ± one binomial standard error over the held-out pairs
+            return "n/a" if p is None else f"{p:.3f}" + (f" ± {(p * (1 - p) / n) ** 0.5:.3f}" if n else "")
+        print(f"held-out reward accuracy: before {fmt(before)} -> after {fmt(after)}"
+              + (f" ({n} held-out pairs; chance 0.5, a tie counts as wrong)" if n else ""))
+    objective = summary.get("objective") or {}
+    if objective.get("value") is not None:
+        se = objective.get("stderr")
+        print(f"sweep objective {objective['name']}: {objective['value']:.4f}"
+              + (f" ± {se:.4f} (standard error)" if se is not None else "")
+              + (" (log sigmoid(0) = -0.6931: the policy has not moved)" if objective["name"] == "val/pref_loglik"
+                 else ""))
     if "train/tokens_per_sec" in summary:
         print(f"training throughput: {summary['train/tokens_per_sec']:.0f} tokens/s, "
               f"{summary['train/pairs_per_sec']:.1f} pairs/s")
@@ -181,14 +173,15 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     job = sweep_job_info(cfg)
     if job is not None:  # a multirun job: its own W&B run, failures recorded and the sweep goes on
         apply_sweep_defaults(cfg, job)
-        summary = run_job(train, cfg, job)
-        return None if summary is None else summary.get("val/rewards/accuracies (after)")
+        summary = run_job(train, cfg, job)  # returns the sweep objective (sweep.objective) to the sweeper
+        return None if summary is None else (summary.get("objective") or {}).get("value")
     try:
         summary = train(cfg)
-    except (DataError, ConfigError, FileNotFoundError, NonFiniteError, CheckpointError, RunFolderBusy) as err:
+    except (DataError, ConfigError, FileNotFoundError, NonFiniteError, ModelLoadError, CheckpointError,
+            RunFolderBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    return summary.get("val/rewards/accuracies (after)")  # the sweep objective
+    return (summary.get("objective") or {}).get("value")  # the sweep objective (sweep.objective)
 
 
 def main() -> None:

@@ -109,7 +109,7 @@ class GpuCheck(L.Callback):
             torch.cuda.reset_peak_memory_stats()
         self.policy0 = _checksum(p for p in module.policy.parameters() if p.requires_grad)
         self.frozen0 = _checksum(p for p in module.policy.parameters() if not p.requires_grad)
-        self.ref0 = _checksum(module.reference.parameters()) if module.reference is not None else None
+        self.ref0 = _checksum(module.reference.parameters())  # None without a frozen model of its own
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -118,14 +118,14 @@ class GpuCheck(L.Callback):
     def on_train_end(self, trainer, module):
         policy1 = _checksum(p for p in module.policy.parameters() if p.requires_grad)
         frozen1 = _checksum(p for p in module.policy.parameters() if not p.requires_grad)
-        ref1 = _checksum(module.reference.parameters()) if module.reference is not None else None
+        ref1 = _checksum(module.reference.parameters())
         out = {
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan"),
             "steps": trainer.global_step,
             "loss": getattr(self, "loss", float("nan")),
             "strategy": type(trainer.strategy).__name__,
             "precision": str(trainer.precision),
-            "reference_mode": module.reference_mode,
+            "reference_mode": module.reference.mode.value,
             "full_logits": bool(module.full_logits),
             "policy_changed": policy1 != self.policy0,
             "frozen_unchanged": frozen1 == self.frozen0,

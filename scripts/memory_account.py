@@ -62,11 +62,12 @@ def instrument(steps_detail: int = 3) -> None:
     import lightning as L
     import torch
 
+    import dpo_lightning.reference.reference as reference_mod
     import dpo_lightning.train as T
     import dpo_lightning.training.module as module_mod
     from dpo_lightning.data import datamodule as dm_mod
 
-    load, build_ref, build, export = module_mod.load_causal_lm, module_mod.build_reference, T.build, T.export_policy
+    load, build_ref, build, export = module_mod.load_causal_lm, reference_mod.build_reference, T.build, T.export_policy
 
     def load_policy(*a, **k):
         mark("config, validation, wandb check, loss, data module objects")
@@ -79,7 +80,7 @@ def instrument(steps_detail: int = 3) -> None:
         mark("reference copy", weights_mb=tensor_mb(out.parameters()) if out is not None else 0.0)
         return out
 
-    module_mod.load_causal_lm, module_mod.build_reference = load_policy, reference
+    module_mod.load_causal_lm, reference_mod.build_reference = load_policy, reference
 
     setup = dm_mod.PreferenceDataModule.setup
 

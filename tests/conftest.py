@@ -1,8 +1,12 @@
-"""Shared fixtures: an isolated cache, the built-in tiny model, and the optional real data in ../shared/data."""
+"""Shared fixtures: an isolated cache, the built-in tiny model, and the optional real data in ../shared/data; and
+the check that keeps the tiers honest: a test that starts a subprocess must be marked ``subprocess``, one that
+starts several training processes ``distributed`` (plain helpers are in helpers.py)."""
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -57,3 +61,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ tiers: markers checked where they matter
+_OURS = re.compile(r"dpo_lightning|dpo-train|dpo-eval|(^|/)(ba)?sh$|(^|/)python[0-9.]*$|^-c$|^-m$|^pip$")
+_MANY = re.compile(r"^trainer\.devices=([2-9]|\d\d)")
+
+
+class _MarkerError(AssertionError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _launches_are_marked(request, monkeypatch):
+    """Fails a test that starts a Python interpreter, this project's CLI or scripts, pip or a shell without the
+    ``subprocess`` marker, or a multi-device run without ``distributed``: ``make test-fast`` deselects by these
+    markers, so a missing one would put a slow launch into the fast tier. Only the test's own call is checked
+    (not a module- or session-scoped fixture's launch), and not other programs a library starts (W&B's
+    service)."""
+    marks = {m.name for m in request.node.iter_markers()}
+    if {"subprocess", "distributed"} <= marks:
+        return
+    real = subprocess.Popen
+
+    class CheckedPopen(real):
+        def __init__(self, args, *a, **kw):
+            argv = [str(x) for x in ([args] if isinstance(args, (str, os.PathLike)) else args)]
+            if "subprocess" not in marks and any(_OURS.search(x) or str(REPO) in x for x in argv):
+                raise _MarkerError(f"{request.node.nodeid} starts {argv[:4]}... but is not marked "
+                                   "@pytest.mark.subprocess (see pyproject.toml markers)")
+            if "distributed" not in marks and any(_MANY.match(x) for x in argv):
+                raise _MarkerError(f"{request.node.nodeid} starts a multi-process run but is not marked "
+                                   "@pytest.mark.distributed (see pyproject.toml markers)")
+            super().__init__(args, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", CheckedPopen)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from arch_families import FAMILIES, build
-from test_logprobs import V, make_rows, run
+from helpers import V, make_rows, run
 
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.layouts import LAYOUTS

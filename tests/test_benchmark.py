@@ -161,6 +161,7 @@ def test_ratios_and_figures():
     assert "useful-FLOP util" in table and "MFU (6N)" in table and "pairs/s 2.00x  tokens/s 2.00x" in table
 
 
+@pytest.mark.subprocess
 def test_gpu_check_script_parses_and_runs_the_benchmark_first():
     script = SCRIPTS / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
@@ -169,6 +170,7 @@ def test_gpu_check_script_parses_and_runs_the_benchmark_first():
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_driver_with_trl_same_pairs(shared_data, tmp_path):
     """The whole driver on the tiny shape: ours and TRL time the same pairs (the driver checks it)."""
     trl_python = os.environ.get("TRL_PYTHON")

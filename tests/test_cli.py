@@ -1,4 +1,5 @@
-"""dpo-train and dpo-eval as a user runs them: subprocesses with CLI overrides on the built-in tiny model."""
+"""dpo-train and dpo-eval as a user runs them: subprocesses with CLI overrides on the built-in tiny model (and the
+bad-input cases in process, one of them also through the command line)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def trained(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.subprocess
 def test_train_writes_config_checkpoints_metrics_and_export(trained):
     cfg = yaml.safe_load((trained / "config.yaml").read_text())
     assert cfg["loss"]["beta"] == 0.2 and cfg["data"]["max_length"] == 48 and cfg["seed"] == 1
@@ -48,6 +50,7 @@ def test_train_writes_config_checkpoints_metrics_and_export(trained):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
+@pytest.mark.subprocess
 def test_resume_from_checkpoint(trained, tmp_path):
     res = run("train", f"paths.output_dir={tmp_path}", f"ckpt_path={trained}/checkpoints/last.ckpt",
               "loss.beta=0.2", "data.max_length=48", "seed=1", "eval_before=false",
@@ -57,6 +60,7 @@ def test_resume_from_checkpoint(trained, tmp_path):
     assert "│ steps" in res.stdout and "18" in res.stdout.split("│ steps")[1].split("\n")[0]
 
 
+@pytest.mark.subprocess
 def test_eval_writes_json(trained, tmp_path):
     out = tmp_path / "eval.json"
     # the training command's own overrides (logger too), the held-out rows, the reference the export records
@@ -71,21 +75,26 @@ def test_eval_writes_json(trained, tmp_path):
     assert report["metrics"]["val/rewards/accuracies"] > 0.5  # the trained policy beats its reference
 
 
+@pytest.mark.subprocess
 def test_default_run_learns_and_logs_wandb_offline(tmp_path):
-    """`dpo-train` with no arguments (only the run folder moved): held-out accuracy >= 0.75, W&B offline."""
+    """`dpo-train` with no arguments (only the run folder moved): held-out accuracy above chance, W&B offline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     env["HOME"] = str(tmp_path)  # no ~/.netrc, no W&B settings
     res = subprocess.run([str(Path(sys.executable).parent / "dpo-train"), f"paths.log_dir={tmp_path}"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("held-out reward accuracy"))
-    before, after = float(line.split("before ")[1].split()[0]), float(line.split("after ")[1])
-    assert before < 0.75 <= after
+    before, after = float(line.split("before ")[1].split()[0]), float(line.split("after ")[1].split()[0])
+    se = float(line.split("after ")[1].split()[2])
+    # held-out prompts are unseen in training (whole prompts held out): the manner rule of the default data carries
+    # to them (0.958 ± 0.018 on 120 pairs; the misses are the copying-correctness pairs), so well above chance
+    assert before < after and after - 2 * se > 0.8 and "120 held-out pairs" in line
     assert "logging offline" in res.stderr + res.stdout
     assert "wandb sync " in res.stdout
     assert "tokens/s" in res.stdout
 
 
+@pytest.mark.subprocess
 def test_multirun_gives_one_folder_per_job(tmp_path):
     res = run("train", "-m", "loss.beta=0.05,0.5", f"paths.log_dir={tmp_path}", "logger=none", "callbacks=none",
               "trainer.max_steps=2", "eval_before=false", "export=false", "print_config=false")
@@ -95,19 +104,41 @@ def test_multirun_gives_one_folder_per_job(tmp_path):
     assert sorted(yaml.safe_load(c.read_text())["loss"]["beta"] for c in configs) == [0.05, 0.5]
 
 
-@pytest.mark.parametrize("content, args, message", [
+BAD_INPUT = [
     (None, ["data.path=/nonexistent/pairs.jsonl"], "/nonexistent/pairs.jsonl: file not found"),
     ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 7, "rejected": "c"}\n',
      [], "bad.jsonl: row 1: field 'chosen': expected a string"),
     (None, ["data.bogus_key=1"], "bogus_key"),
     (None, ["loss.beta=0.1", "data.max_length=1"], "data.max_length=1: must be at least 2"),
-])
-def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, content, args, message):
+]
+
+
+def _bad_input_args(tmp_path, content, args):
     if content is not None:
         (tmp_path / "bad.jsonl").write_text(content)
         args = [*args, f"data.path={tmp_path / 'bad.jsonl'}"]
-    out = tmp_path / "run"
-    res = run("train", f"paths.output_dir={out}", *args, *FAST)
-    assert res.returncode != 0
-    assert message in res.stderr + res.stdout
-    assert not (out / "checkpoints").exists() and not (out / "export").exists()
+    return [f"paths.output_dir={tmp_path / 'run'}", *args, *FAST]
+
+
+@pytest.mark.subprocess
+def test_bad_input_fails_the_cli_clearly_and_writes_nothing(tmp_path):
+    """The command line: a bad row (as any data or config error) is one ``error:`` line on stderr and exit status 2,
+    and no checkpoint or export."""
+    content, args, message = BAD_INPUT[1]
+    res = run("train", *_bad_input_args(tmp_path, content, args))
+    assert res.returncode == 2
+    assert message in res.stderr and "error: " in res.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "export").exists()
+
+
+@pytest.mark.parametrize("content, args, message", BAD_INPUT)
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, content, args, message):
+    """Each bad input in process (dpo-train prints the same message): it names what is wrong, and the run
+    folder gets no checkpoint or export."""
+    from dpo_lightning.cli.locate import compose
+    from dpo_lightning.train import train
+
+    with pytest.raises(Exception) as err:  # noqa: B017 - a DataError, ConfigError, FileNotFoundError or Hydra's
+        train(compose("train", _bad_input_args(tmp_path, content, args)))
+    assert message in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "export").exists()

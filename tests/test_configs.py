@@ -93,3 +93,38 @@ def test_unknown_group_option_is_reported():
 def test_eval_config_composes():
     cfg = compose("eval", ["paths.output_dir=/tmp/x"])
     assert cfg.output_json == "/tmp/x/eval.json" and cfg.loss.name == "sigmoid"
+
+
+TINY_PRESET = {"optimizer.lr": 1.0e-3, "trainer.max_steps": 300, "trainer.val_check_interval": 100,
+               "generation.max_new_tokens": 24}
+
+
+def _preset_values(cfg) -> dict:
+    return {k: OmegaConf.select(cfg, k) for k in TINY_PRESET}
+
+
+def test_default_composes_exactly_the_tiny_preset():
+    """`dpo-train` with no arguments: the tiny model and the tiny preset's training settings (experiment/tiny.yaml)."""
+    cfg = compose("train", ["paths.output_dir=/tmp/x"], return_hydra_config=True)
+    assert cfg.hydra.runtime.choices["experiment"] == "tiny" and cfg.model.name_or_path == "builtin:tiny-llama"
+    assert _preset_values(cfg) == TINY_PRESET
+    preset = OmegaConf.load(CONF / "experiment" / "tiny.yaml")
+    assert {k: OmegaConf.select(preset, k) for k in TINY_PRESET} == TINY_PRESET  # the values live there, only there
+    model = OmegaConf.load(CONF / "model" / "tiny.yaml")
+    assert "optimizer" not in model and "trainer" not in model and "generation" not in model
+
+
+def test_model_hf_does_not_carry_the_tiny_preset():
+    """A model group picks a model only: model=hf gets the groups' own defaults, not the tiny model's lr/max_steps."""
+    cfg = compose("train", ["model=hf", "model.name_or_path=x", "paths.output_dir=/tmp/x"])
+    defaults = {k: OmegaConf.select(compose("train", ["~experiment", "paths.output_dir=/tmp/x"]), k)
+                for k in TINY_PRESET}
+    assert _preset_values(cfg) == defaults
+    assert cfg.optimizer.lr == 5.0e-7 and cfg.trainer.max_steps == 1000
+    assert cfg.model.name_or_path == "x" and cfg.model.dtype == "bfloat16"
+
+
+def test_tiny_ipo_is_the_tiny_preset_with_ipo():
+    base, ipo = (compose("train", [*o, "paths.output_dir=/tmp/x"]) for o in ([], ["experiment=tiny_ipo"]))
+    assert _preset_values(ipo) == TINY_PRESET and ipo.loss.name == "ipo"
+    assert OmegaConf.to_container(ipo.model) == OmegaConf.to_container(base.model)

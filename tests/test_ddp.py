@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import script_env
 
 TIMEOUT = 240  # seconds per run; a desynchronized DDP run would hang in a collective instead of finishing
+
+pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]
 
 COMMON = [
     "logger=csv", "callbacks=none", "print_config=false", "eval_before=false",
@@ -23,25 +25,8 @@ COMMON = [
     "trainer.deterministic=true",
 ]
 
-# A callback (imported by the training processes from PYTHONPATH) that writes each rank's step count.
-RANK_STEPS = '''
-import json, os
-import lightning as L
-
-class RankSteps(L.Callback):
-    def __init__(self, out_dir):
-        self.out_dir = out_dir
-    def on_train_end(self, trainer, pl_module):
-        os.makedirs(self.out_dir, exist_ok=True)
-        batches = trainer.fit_loop.epoch_loop.batch_progress.total.completed
-        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as fh:
-            json.dump({"global_step": trainer.global_step, "batches": batches,
-                       "world_size": trainer.world_size}, fh)
-'''
-
-
 def _train(out: Path, *overrides: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    env = script_env(**(env_extra or {}))  # tests/scripts (rank_steps_cb) on PYTHONPATH
     try:
         res = subprocess.run([sys.executable, "-m", "dpo_lightning.train", *COMMON, f"paths.output_dir={out}",
                               *overrides], capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=out.parent)
@@ -84,14 +69,11 @@ def test_ddp_every_rank_takes_the_same_steps_on_uneven_data(tmp_path, default_da
     lines = Path(default_data_path).read_text().splitlines()[:13]
     data = tmp_path / "odd.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    (tmp_path / "cb").mkdir()
-    (tmp_path / "cb" / "rank_steps_cb.py").write_text(RANK_STEPS)
     steps_dir = tmp_path / "steps"
     out = tmp_path / "run"
     _train(out, "strategy=ddp", "trainer.devices=2", f"data.path={data}", "data.batch_size=2",
            "trainer.max_steps=-1", "trainer.max_epochs=1", "export=false",
-           "+callbacks.rank_steps._target_=rank_steps_cb.RankSteps", f"+callbacks.rank_steps.out_dir={steps_dir}",
-           env_extra={"PYTHONPATH": os.pathsep.join([str(tmp_path / "cb"), os.environ.get("PYTHONPATH", "")])})
+           "+callbacks.rank_steps._target_=rank_steps_cb.RankSteps", f"+callbacks.rank_steps.out_dir={steps_dir}")
     ranks = [json.loads((steps_dir / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["world_size"] == 2 for r in ranks)
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4, ranks

@@ -7,67 +7,18 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from test_strategies import RUN_SHARDED  # build + fit + validate + export of a sharded run, test only
+from helpers import SCRIPTS, script_env
 
 TIMEOUT = 300
 
-# Imported by the training processes from PYTHONPATH. Runs before ReferenceSync (the module's own callbacks come
-# after the trainer's): at a sync step it computes the expected mix from the weights before the sync, and at the
-# next batch (or the end) compares the moved reference with a fresh model holding the expected weights.
-SYNC_CHECK = '''
-import hashlib, json, os
-import lightning as L
-import torch
-from dpo_lightning.engine.logprobs import sequence_logps
-from dpo_lightning.models.hf import load_causal_lm
-
-class SyncCheck(L.Callback):
-    def __init__(self, out_dir, alpha, every):
-        self.out_dir, self.alpha, self.every = out_dir, alpha, every
-        self.expected, self.diffs, self.last = None, [], -1
-
-    def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if step > 0 and step % self.every == 0 and step != self.last:
-            assert m.reference_version == len(self.diffs), "SyncCheck must run before ReferenceSync"
-            pol, ref = m.policy.state_dict(), m.reference.state_dict()
-            self.expected = {k: ref[k] * (1 - self.alpha) + pol[k] * self.alpha for k in pol}
-            self.batch, self.last = {k: v for k, v in batch.items()}, step
-
-    def _check(self, m):
-        if self.expected is None:
-            return
-        assert m.reference_version == len(self.diffs) + 1
-        fresh = load_causal_lm(m.model_spec)
-        fresh.load_state_dict(self.expected)
-        with torch.no_grad():
-            want = sequence_logps(fresh.eval(), self.batch, self.batch["num_sequences"], full_logits=True).logps
-            got = m.reference_logps(self.batch).logps
-        self.diffs.append(float((got - want).abs().max()))
-        self.expected = None
-
-    def on_train_batch_start(self, trainer, m, batch, batch_idx):
-        self._check(m)
-
-    def on_train_end(self, trainer, m):
-        self._check(m)
-        digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in m.reference.parameters()))
-        os.makedirs(self.out_dir, exist_ok=True)
-        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as fh:
-            json.dump({"diffs": self.diffs, "version": m.reference_version, "reference": digest.hexdigest(),
-                       "world_size": trainer.world_size}, fh)
-'''
-
+pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]
 
 @pytest.mark.slow
 def test_ddp_sync_is_exact_on_every_rank_and_generation_is_gathered(tmp_path):
-    (tmp_path / "cb").mkdir()
-    (tmp_path / "cb" / "sync_check_cb.py").write_text(SYNC_CHECK)
     out, checks = tmp_path / "run", tmp_path / "checks"
     args = ["logger=csv", "print_config=false", "eval_before=true", "trainer.accelerator=cpu", "strategy=ddp",
             "trainer.devices=2", "data.batch_size=4", "trainer.max_steps=6", "trainer.val_check_interval=3",
@@ -78,8 +29,7 @@ def test_ddp_sync_is_exact_on_every_rank_and_generation_is_gathered(tmp_path):
             "+callbacks.generation.settings.num_prompts=5", "+callbacks.generation.settings.num_samples=2",
             "+callbacks.generation.settings.max_new_tokens=6", f"+callbacks.generation.dirpath={out}/generations",
             f"paths.output_dir={out}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path / "cb"), os.environ.get("PYTHONPATH", "")])}
+    env = script_env(OMP_NUM_THREADS="1")  # sync_check_cb (tests/scripts) importable by the training processes
     try:
         res = subprocess.run([sys.executable, "-m", "dpo_lightning.train", *args], capture_output=True, text=True,
                              timeout=TIMEOUT, env=env, cwd=tmp_path)
@@ -110,7 +60,7 @@ def _sharded(script, out, *overrides):
               "reference.sync.alpha=0.5", "data.max_length=32", f"paths.output_dir={out}"]
     try:
         res = subprocess.run([sys.executable, str(script), *common, *overrides], capture_output=True, text=True,
-                             timeout=TIMEOUT, cwd=script.parent, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             timeout=TIMEOUT, cwd=out.parent, env=script_env(OMP_NUM_THREADS="1"))
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"sharded run did not finish in {TIMEOUT}s (a hang?):\n{(err.stderr or b'')[-3000:]}")
     assert res.returncode == 0, res.stderr[-4000:]
@@ -123,8 +73,7 @@ def _sharded(script, out, *overrides):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     root = tmp_path_factory.mktemp("sync")
-    script = root / "run_sharded.py"
-    script.write_text(RUN_SHARDED)
+    script = SCRIPTS / "run_sharded.py"  # build + fit + validate + export of a sharded run, test only
     return script, *_sharded(script, root / "one", "trainer.devices=1", "data.batch_size=8")
 
 

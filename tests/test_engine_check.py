@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 from arch_families import build
-from test_logprobs import V, make_rows, run
+from helpers import V, make_rows, run
 
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.engine.logprobs import sequence_logps
@@ -84,7 +84,7 @@ def test_module_says_once_what_it_switched_and_the_switch_turns_the_probe_off(ti
     for flag in (True, False):
         module = PreferenceLitModule(str(tiny_path), loss=get_loss("sigmoid", beta=0.1), verify=flag)
         scaled_forward(module.policy, 0.5)
-        scaled_forward(module.reference, 0.5)
+        scaled_forward(module.reference.module, 0.5)
         capsys.readouterr()
         with torch.no_grad():
             module.compute_loss(batch)

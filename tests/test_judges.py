@@ -85,9 +85,11 @@ def test_reward_model_judge_in_generation_gives_win_rate_and_reward(tiny_path, t
     assert metrics["gen/win_rate"] == pytest.approx(sum(want) / len(want)) and "gen/win_rate_stderr" in metrics
 
 
-def test_dpo_eval_generates_on_an_export_with_a_reward_model_judge(tiny_path, reward_model, tmp_path):
+def test_dpo_eval_generates_on_an_export_with_a_reward_model_judge(tiny_path, reward_model, tmp_path,
+                                                                  default_data_path):
     """dpo-eval generation.num_prompts=4 generation.judge=<reward model> on an exported (moved) policy:
-    gen/kl, gen/win_rate and gen/reward in eval.json, the samples in generations.jsonl beside it."""
+    gen/kl, gen/win_rate and gen/reward in eval.json, the samples in generations.jsonl beside it (40 pairs of
+    the embedded data: val/loss needs no more)."""
     import json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -103,8 +105,9 @@ def test_dpo_eval_generates_on_an_export_with_a_reward_model_judge(tiny_path, re
             p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(export)
     AutoTokenizer.from_pretrained(tiny_path).save_pretrained(export)
-    out = tmp_path / "eval" / "eval.json"
-    cfg = compose("eval", [f"model.name_or_path={export}", "reference.name_or_path=builtin:tiny-llama",
+    out, data = tmp_path / "eval" / "eval.json", tmp_path / "pairs.jsonl"
+    data.write_text("".join(open(default_data_path).readlines()[:40]))
+    cfg = compose("eval", [f"model.name_or_path={export}", f"data.path={data}", "reference.name_or_path=builtin:tiny-llama",
                            "data.max_length=32", f"output_json={out}", f"paths.output_dir={tmp_path / 'eval'}",
                            "generation.num_prompts=4", "generation.max_new_tokens=6",
                            f"generation.judge={reward_model}", f"data.cache_dir={tmp_path / 'cache'}"])

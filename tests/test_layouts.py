@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_logprobs import V, make_rows, run
+from helpers import V, make_rows, run
 
 from dpo_lightning.data.collate import PreferenceCollator, UnpairedCollator
 from dpo_lightning.data.layouts import LAYOUTS, score_index

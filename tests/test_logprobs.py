@@ -5,42 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import V, make_rows, run
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.engine.logprobs import chunked_logprobs, sequence_logps
 from dpo_lightning.models.tiny import build_model
 
-V = 97
-
-
-def make_rows(seed: int = 1):
-    """1-token prompt and completions, chosen longer and shorter than rejected, equal lengths."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(n):
-        return torch.randint(4, V, (n,), generator=g).tolist()
-
-    return [dict(prompt_ids=r(1), chosen_ids=r(1), rejected_ids=r(6), index=0),
-            dict(prompt_ids=r(9), chosen_ids=r(11), rejected_ids=r(2), index=1),
-            dict(prompt_ids=r(4), chosen_ids=r(1), rejected_ids=r(1), index=2),
-            dict(prompt_ids=r(2), chosen_ids=r(5), rejected_ids=r(5), index=3)]
-
 
 @pytest.fixture(scope="module")
 def model():
     return build_model(V, seed=0, attn_implementation="sdpa").float()
-
-
-def run(model, batch, **kw):
-    """(sequence log-probs, per-token log-probs sorted by (seq, pos), parameter gradients)."""
-    model.zero_grad(set_to_none=True)
-    out = sequence_logps(model, batch, batch["num_sequences"], **kw)
-    w = torch.linspace(-1.0, 1.5, out.logps.numel())  # an arbitrary loss mixing every sequence
-    ((out.logps * w).sum() + 0.1 * out.token_logps.square().sum()).backward()
-    order = torch.argsort(out.seq * 10_000 + out.pos)
-    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    return out.logps.detach(), out.token_logps.detach()[order], grads, out
 
 
 @pytest.mark.parametrize("chunk_size,cache_mb", [(1024, 512), (3, 512), (4, 0), (5, 7 * V * 4 / 2**20)],

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import close, pair, ref_free, sp
 
 from dpo_lightning.losses import LOSSES, Loss, LossInputs, get_loss
 from dpo_lightning.losses.bco import MEAN
@@ -28,30 +29,12 @@ BETA = 0.5
 C, R, Z = [1.0, 0.0], [-1.0, 1.0], [1.0, -0.5]
 
 
-def sp(t: float) -> float:
-    return math.log1p(math.exp(t))
-
-
 def sig(t: float) -> float:
     return 1 / (1 + math.exp(-t))
 
 
-def pair(**over) -> LossInputs:
-    t = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
-    x = LossInputs(chosen_logps=t([-1.0, -2.0]), rejected_logps=t([-3.0, -1.0]),
-                   ref_chosen_logps=t([-2.0, -2.0]), ref_rejected_logps=t([-2.0, -2.0]),
-                   chosen_lengths=torch.tensor([2, 4]), rejected_lengths=torch.tensor([1, 2]), chosen_nll=t(0.7))
-    for k, v in over.items():
-        setattr(x, k, v if v is None or torch.is_tensor(v) else t(v))
-    return x
-
-
 def run(name: str, x: LossInputs | None = None, **hp):
     return get_loss(name, **hp)(x if x is not None else pair())
-
-
-def close(t: torch.Tensor, expected) -> None:
-    torch.testing.assert_close(t.float(), torch.tensor(expected, dtype=torch.float32), atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ paired, reference-based
@@ -196,13 +179,9 @@ def test_modifiers_are_validated_and_not_passed_to_the_function():
 
 
 # ------------------------------------------------------------------ reference-free
-def _ref_free(**over) -> LossInputs:
-    return pair(ref_chosen_logps=None, ref_rejected_logps=None, **over)
-
-
 def test_cpo():
     """CPO Eq. 3 + NLL: policy gap [2, -1] -> softplus(-beta gap) + cpo_alpha * 0.7; rewards beta * logps."""
-    out = run("cpo", _ref_free(), beta=BETA, cpo_alpha=1.0)
+    out = run("cpo", ref_free(), beta=BETA, cpo_alpha=1.0)
     close(out.losses, [sp(-1) + 0.7, sp(0.5) + 0.7])
     close(out.chosen_rewards, [-0.5, -1.0])
     close(out.metrics["nll_loss"], 0.7)
@@ -211,7 +190,7 @@ def test_cpo():
 def test_simpo():
     """SimPO Eq. 6 on (already averaged) logps, beta = 2, gamma = 0.5:
     -log sigma(beta (c - r) - gamma) = softplus(-(2 * [2, -1] - 0.5)) = [softplus(-3.5), softplus(2.5)]."""
-    out = run("simpo", _ref_free(), beta=2.0, gamma=0.5)
+    out = run("simpo", ref_free(), beta=2.0, gamma=0.5)
     close(out.losses, [sp(-3.5), sp(2.5)])
     close(out.rejected_rewards, [-6.0, -2.0])
     assert get_loss("simpo").length_normalized and not get_loss("simpo").requires_reference
@@ -222,7 +201,7 @@ def test_alphapo():
     a, beta, gamma = 0.25, 2.0, 0.5
     rew = lambda lp: (1 - math.exp(-a * lp)) / a  # noqa: E731
     exp = [sp(-(beta * (rew(c) - rew(r)) - gamma)) for c, r in [(-1, -3), (-2, -1)]]
-    out = run("alphapo", _ref_free(), beta=beta, gamma=gamma, alpha=a)
+    out = run("alphapo", ref_free(), beta=beta, gamma=gamma, alpha=a)
     close(out.losses, exp)
     close(out.chosen_rewards, [beta * rew(-1), beta * rew(-2)])
 
@@ -232,7 +211,7 @@ def test_orpo():
     Metrics: log_odds_ratio = mean log sigma(.), log_odds_chosen = mean (odds_c - odds_r)."""
     lo = lambda lp: lp - math.log(1 - math.exp(lp))  # noqa: E731
     d = [lo(-1) - lo(-3), lo(-2) - lo(-1)]
-    out = run("orpo", _ref_free(), beta=BETA)
+    out = run("orpo", ref_free(), beta=BETA)
     close(out.losses, [0.7 + BETA * sp(-v) for v in d])
     close(out.metrics["log_odds_chosen"], sum(d) / 2)
     close(out.metrics["log_odds_ratio"], sum(-sp(-v) for v in d) / 2)
@@ -390,7 +369,7 @@ UNPAIRED = sorted(n for n in LOSSES if not LOSSES[n].paired)
 def test_swapping_chosen_and_rejected_flips_reward_margins(name):
     x = pair()
     if not _build(name).requires_reference:
-        x = _ref_free()
+        x = ref_free()
     y = LossInputs(chosen_logps=x.rejected_logps, rejected_logps=x.chosen_logps,
                    ref_chosen_logps=x.ref_rejected_logps, ref_rejected_logps=x.ref_chosen_logps,
                    chosen_lengths=x.rejected_lengths, rejected_lengths=x.chosen_lengths, chosen_nll=x.chosen_nll)

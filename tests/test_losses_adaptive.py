@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from helpers import close, pair, ref_free, sp
 
 from dpo_lightning.losses import LossInputs, get_loss
 from dpo_lightning.losses.adaptive import GAP_MEAN, GAP_STD
-from tests.test_losses import _ref_free, close, pair, sp
 
 
 def gaps(values, requires_grad=True) -> LossInputs:
@@ -79,7 +79,7 @@ def test_simper_inverse_perplexities():
     """Averaged logps chosen [-1, -2], rejected [-3, -1]: losses -e^-1 + e^-3 and -e^-2 + e^-1; rewards e^logp."""
     loss = get_loss("simper")
     assert loss.hparams == {} and not loss.requires_reference and loss.length_normalized
-    out = loss(_ref_free())
+    out = loss(ref_free())
     e = math.exp
     close(out.losses, [-e(-1) + e(-3), -e(-2) + e(-1)])
     close(out.chosen_rewards, [e(-1), e(-2)])

@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 
+import dpo_lightning.reference.reference as reference_mod
 import dpo_lightning.training.module as module_mod
 from dpo_lightning import ModelSpec, PreferenceDataModule, PreferenceLitModule, get_loss
 from dpo_lightning.losses import LOSSES
@@ -67,7 +68,8 @@ def test_two_steps_move_every_parameter(name, hparams, datamodules, tiny_path, m
         calls.append(model)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(module_mod, "sequence_logps", counting)
+    monkeypatch.setattr(module_mod, "sequence_logps", counting)  # the policy's forward
+    monkeypatch.setattr(reference_mod, "sequence_logps", counting)  # the reference's
     losses: list[float] = []
 
     class Record(L.Callback):
@@ -82,7 +84,7 @@ def test_two_steps_move_every_parameter(name, hparams, datamodules, tiny_path, m
     unmoved = [k for k, p in module.policy.named_parameters() if p.requires_grad and torch.equal(p, before[k])]
     assert not unmoved, f"{name}: parameters did not move: {unmoved}"
     if not loss.requires_reference:
-        assert module.reference is None and module.reference_mode == "none"
+        assert module.reference.module is None and module.reference.mode == "none"
         assert len(calls) == 2 and all(m is module.policy for m in calls), "a reference forward ran"
     else:
         assert len(calls) == 4  # policy + reference, two steps

@@ -13,30 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("datasets", "pyarrow", "pandas", "tensorboard", "tensorboardX", "wandb", "scipy", "sklearn")
 
 
-def _modules_after(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return set(json.loads(out.stdout.splitlines()[-1]))
-
-
+@pytest.mark.subprocess
 def test_entry_points_and_cached_data_import_no_heavy_optional_module(default_data_path, tiny_path, tmp_path):
     """``dpo-train``'s module, the callbacks, and the data path of a run (read, tokenize in one process, cache
     hit) load none of them: ``datasets`` only tokenizes with ``num_proc`` > 1, loggers import their library
     when chosen, curves import matplotlib's pyplot when they draw."""
-    loaded = _modules_after(f"""
-import dpo_lightning.train, dpo_lightning.evaluate, dpo_lightning.callbacks
-from dpo_lightning.data.datamodule import PreferenceDataModule
-for _ in range(2):  # a miss (tokenizes) then a hit
-    dm = PreferenceDataModule({default_data_path!r}, {str(tiny_path)!r}, cache_dir={str(tmp_path)!r}, max_length=64)
-    dm.setup("fit")
-    next(iter(dm.train_dataloader()))
-""")
+    res = run_script("data_path_imports.py", default_data_path, str(tiny_path), str(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    loaded = set(json.loads(res.stdout.splitlines()[-1]))
     assert not {m for m in loaded if m.split(".")[0] in HEAVY}, sorted(m for m in loaded if m.split(".")[0] in HEAVY)
 
 
@@ -133,6 +123,7 @@ def test_adamw_is_fused_by_default_and_matches_the_unfused_update():
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_memory_floor_script_measures_a_real_dpo_train(shared_data):
     """scripts/memory_floor.py on the tiny shape: a user's dpo-train run (warm cache) and its phase account."""
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "memory_floor.py"), "--shape", "tiny",

@@ -1,8 +1,6 @@
 """PreferenceLitModule: log-probs, the DPO loss, the reference, training and checkpoints."""
 
 import math
-import subprocess
-import sys
 
 import lightning as L
 import pytest
@@ -94,26 +92,6 @@ def test_three_steps_move_every_policy_param_and_no_reference_param(module, defa
         assert not torch.equal(v, policy0[k]), f"policy parameter {k} did not change"
     for k, v in module.reference.named_parameters():
         assert torch.equal(v, ref0[k]), f"reference parameter {k} changed"
-
-
-def test_plain_lightning_without_hydra(default_data_path, tiny_path):
-    """The module and data module train with a plain lightning.Trainer while hydra cannot be imported."""
-    code = f"""
-import sys
-sys.modules["hydra"] = None  # any `import hydra` now raises ImportError
-import lightning as L
-from dpo_lightning import PreferenceLitModule, PreferenceDataModule, get_loss
-m = PreferenceLitModule({str(tiny_path)!r}, loss=get_loss("sigmoid", beta=0.1), optimizer={{"lr": 1e-3}})
-dm = PreferenceDataModule({default_data_path!r}, {str(tiny_path)!r}, batch_size=8, max_length=64, val_fraction=0.1)
-t = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=2)
-t.fit(m, datamodule=dm)
-val = t.validate(m, datamodule=dm, verbose=False)[0]
-assert sys.modules["hydra"] is None
-print("OK", t.global_step, val["val/rewards/accuracies"])
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "OK 4" in out.stdout
 
 
 def test_resume_from_checkpoint_continues(module, default_data_path, tmp_path):

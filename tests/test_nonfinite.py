@@ -5,59 +5,23 @@ the run. NaNs are injected into the real policy forward (a hook on the input emb
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import lightning as L
 import pytest
 import torch
+from helpers import load_script, script_env
 
 from dpo_lightning import PreferenceDataModule, PreferenceLitModule, get_loss
 from dpo_lightning.training.nonfinite import NonFiniteError, NonFiniteGuard
 
-# Imported by training processes (PYTHONPATH): poisons the policy's forward on chosen (rank, micro-batch) pairs and
-# records, per micro-batch, the step, the skip count and a checksum of the policy weights.
-INJECT = '''
-import json, os
-import lightning as L
-import torch
-
-class InjectNaN(L.Callback):
-    def __init__(self, at, out_dir=None):
-        self.at = {(int(r), int(b)) for r, b in (x.split(":") for x in str(at).split(","))}  # "rank:batch,..."
-        self.out_dir, self.hook, self.records = out_dir, None, []
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.before = float(sum(p.detach().double().sum() for p in pl_module.policy.parameters()))
-        if (trainer.global_rank, batch_idx) in self.at or (trainer.global_rank, -1) in self.at:
-            emb = pl_module.policy.get_input_embeddings()
-            self.hook = emb.register_forward_hook(lambda m, i, o: o * float("nan"))
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.hook is not None:
-            self.hook.remove()
-            self.hook = None
-        after = float(sum(p.detach().double().sum() for p in pl_module.policy.parameters()))
-        self.records.append({"batch": batch_idx, "step": trainer.global_step, "before": self.before,
-                             "after": after, "skipped": pl_module.nonfinite.skipped,
-                             "rows": batch["index"].tolist()})
-        if self.out_dir:
-            os.makedirs(self.out_dir, exist_ok=True)
-            with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as fh:
-                json.dump(self.records, fh)
-'''
-
 
 @pytest.fixture()
-def inject_cls(tmp_path):
-    (tmp_path / "cb").mkdir()
-    (tmp_path / "cb" / "inject_nan_cb.py").write_text(INJECT)
-    sys.path.insert(0, str(tmp_path / "cb"))
-    import importlib
-
-    import inject_nan_cb
-    importlib.reload(inject_nan_cb)
-    yield inject_nan_cb.InjectNaN
-    sys.path.remove(str(tmp_path / "cb"))
+def inject_cls():
+    """tests/scripts/inject_nan_cb.py's InjectNaN: poisons the policy's forward on chosen (rank, micro-batch) pairs
+    and records, per micro-batch, the step, the skip count and a checksum of the policy weights."""
+    return load_script("inject_nan_cb.py").InjectNaN
 
 
 def _fit(tiny_path, data_path, callback, *, accumulate=2, max_steps=4, max_consecutive=3):
@@ -118,13 +82,13 @@ def test_guard_settings_are_checked():
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_ddp_nan_on_one_rank_skips_on_both_and_stops_after_k(tmp_path):
     """2 CPU processes, accumulation 2. Rank 1 alone gets a NaN in micro-batch 1 (step 0), then in every micro-batch
     from 4 on (steps 2, 3): step 0 is skipped on both ranks, step 1 trains, steps 2 and 3 are skipped and the run
     stops (max_consecutive=2) with a message and a non-zero exit on both ranks, without hanging."""
-    cb, out, rec_dir = tmp_path / "cb", tmp_path / "run", tmp_path / "rec"
-    cb.mkdir()
-    (cb / "inject_nan_cb.py").write_text(INJECT)
+    out, rec_dir = tmp_path / "run", tmp_path / "rec"
     at = ",".join(["1:1", *(f"1:{b}" for b in range(4, 12))])
     args = ["logger=csv", "callbacks=none", "print_config=false", "eval_before=false", "export=false",
             "trainer.accelerator=cpu", "strategy=ddp", "trainer.devices=2", "trainer.accumulate_grad_batches=2",
@@ -132,8 +96,7 @@ def test_ddp_nan_on_one_rank_skips_on_both_and_stops_after_k(tmp_path):
             "data.max_length=32", "nonfinite.max_consecutive=2", "engine.verify=false", f"paths.output_dir={out}",
             "+callbacks.inject._target_=inject_nan_cb.InjectNaN", f"+callbacks.inject.at='{at}'",
             f"+callbacks.inject.out_dir={rec_dir}"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cb), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = script_env(OMP_NUM_THREADS="1")  # tests/scripts (inject_nan_cb) on PYTHONPATH
     try:
         res = subprocess.run([sys.executable, "-m", "dpo_lightning.train", *args], capture_output=True, text=True,
                              timeout=240, env=env, cwd=tmp_path)

@@ -7,7 +7,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+from helpers import SCRIPTS
+
 REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.subprocess  # pip wheel, then Python on the unpacked wheel
 
 
 def test_wheel_carries_configs_and_runs_from_site_packages(tmp_path):
@@ -23,11 +28,8 @@ def test_wheel_carries_configs_and_runs_from_site_packages(tmp_path):
         assert f in names, f
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("from dpo_lightning.cli.locate import config_dir, compose; d = config_dir(); "
-            "assert 'site' in str(d), d; cfg = compose('train', ['paths.output_dir=/tmp/x']); "
-            "from dpo_lightning.data.formats import load_records; "
-            "print(cfg.loss.name, len(load_records('builtin:default_prefs')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, str(SCRIPTS / "installed_package.py")], capture_output=True, text=True,
+                         timeout=120,
                          cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["sigmoid", "800"]

@@ -4,52 +4,37 @@ the frozen reference is not shown, while a user's own eval-mode module still get
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 
 import lightning as L
 import pytest
 import torch
+from helpers import run_script
 
 from dpo_lightning import PreferenceDataModule, PreferenceLitModule, get_loss
 
-SCRIPT = """
-import csv, sys, warnings
-sys.modules["hydra"] = None  # any `import hydra` raises ImportError: nothing here may need it
-warnings.simplefilter("default")
-import lightning as L
-import torch
-from lightning.pytorch.loggers import CSVLogger
-from dpo_lightning import PreferenceDataModule, PreferenceLitModule, get_loss
 
-class CountRows(L.Callback):  # the user's own callback
-    rows = 0
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        CountRows.rows += batch["index"].numel()
-        assert batch["num_sequences"] == 2 * batch["index"].numel()  # KTO's KL rows are in the batch
-
-torch.manual_seed(0)
-module = PreferenceLitModule({tiny!r}, loss=get_loss("kto", beta=0.1), optimizer={{"lr": 1e-3}})
-dm = PreferenceDataModule({data!r}, {tiny!r}, batch_size=4, max_length=32, val_fraction=0.1)  # no paired=
-trainer = L.Trainer(max_steps=3, logger=CSVLogger({out!r}, name="mine"), callbacks=[CountRows()],
-                    enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=2, log_every_n_steps=1)
-trainer.fit(module, datamodule=dm)
-val = trainer.validate(module, datamodule=dm, verbose=False)[0]
-assert dm.paired is False and dm.kl_pairs is True and dm.from_pairs
-with open(trainer.logger.log_dir + "/metrics.csv") as fh:
-    names = next(csv.reader(fh))
-assert "train/loss" in names and "train/kl" in names, names
-print("OK", trainer.global_step, CountRows.rows, round(val["val/loss"], 4))
-"""
+@pytest.fixture(scope="module")
+def user_scripts(tiny_path, default_data_path, tmp_path_factory):
+    """tests/scripts/train_without_hydra.py, then user_lightning_kto.py, in one process (one interpreter start)."""
+    out = tmp_path_factory.mktemp("user")
+    return run_script("run_in_one_process.py", "train_without_hydra.py", str(tiny_path), default_data_path, "--",
+                      "user_lightning_kto.py", str(tiny_path), default_data_path, str(out), timeout=400)
 
 
-def test_plain_script_with_own_callback_and_logger_kto_without_paired(tiny_path, default_data_path, tmp_path):
-    code = SCRIPT.format(tiny=str(tiny_path), data=default_data_path, out=str(tmp_path))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "\nOK 3 12 " in res.stdout  # 3 steps x 4 rows, all through the user's callback
-    assert "in eval mode" not in res.stderr
+@pytest.mark.subprocess
+def test_plain_lightning_without_hydra(user_scripts):
+    """The module and data module train with a plain lightning.Trainer while hydra cannot be imported."""
+    assert user_scripts.returncode == 0, user_scripts.stderr[-3000:]
+    assert "\nOK 4 " in "\n" + user_scripts.stdout
+
+
+@pytest.mark.subprocess
+def test_plain_script_with_own_callback_and_logger_kto_without_paired(user_scripts):
+    """A user's own Lightning script, own callback and CSV logger, no Hydra, KTO without ``paired=``."""
+    assert user_scripts.returncode == 0, user_scripts.stderr[-3000:]
+    assert "\nOK 3 12 " in user_scripts.stdout  # 3 steps x 4 rows, all through the user's callback
+    assert "in eval mode" not in user_scripts.stderr
 
 
 def _fit_one_step(module, data, tiny):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import script_env
 
 from dpo_lightning.callbacks.preemption import is_complete, latest_checkpoint, resolve_ckpt_path
 
@@ -22,33 +23,10 @@ COMMON = ["logger=none", "callbacks=none", "print_config=false", "eval_before=fa
           "trainer.val_check_interval=1000", "data.val_fraction=0", "data.max_length=32", "trainer.max_steps=6",
           "optimizer.lr=1e-2", "seed=3"]
 
-# Imported by the training process (PYTHONPATH): at step `step`, rank 0 writes a marker and waits for the signal,
-# so the test's signal lands at a known step. Nothing else in the run changes.
-PAUSE = '''
-import os, time
-from pathlib import Path
-import lightning as L
-
-class PauseAt(L.Callback):
-    def __init__(self, step, marker):
-        self.step, self.marker, self.done = int(step), marker, False
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step != self.step or self.done or not trainer.is_global_zero:
-            return
-        self.done = True
-        pre = next(cb for cb in trainer.callbacks if type(cb).__name__ == "PreemptionCheckpoint")
-        Path(self.marker).write_text(str(os.getpid()))
-        deadline = time.time() + 120
-        while pre.received is None and time.time() < deadline:
-            time.sleep(0.05)
-'''
-
-
 def _env(tmp_path: Path, extra: dict | None = None) -> dict:
-    (tmp_path / "cb").mkdir(exist_ok=True)
-    (tmp_path / "cb" / "pause_cb.py").write_text(PAUSE)
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(tmp_path / "cb"), os.environ.get("PYTHONPATH", "")]), **(extra or {})}
+    """tests/scripts on PYTHONPATH: its pause_cb.PauseAt (at a step, rank 0 writes a marker and waits for the
+    signal) makes the test's signal land at a known step."""
+    return script_env(OMP_NUM_THREADS="1", **(extra or {}))
 
 
 def _run(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
@@ -90,7 +68,9 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "export" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["single", "ddp"])
+@pytest.mark.subprocess
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=[pytest.mark.slow, pytest.mark.distributed])],
+                         ids=["single", "ddp"])
 def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, ranks):
     env = _env(tmp_path)
     setup = ["data.batch_size=4"] if ranks == 1 else ["strategy=ddp", "trainer.devices=2", "data.batch_size=2"]
@@ -112,6 +92,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, ranks):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_slurm_requeue_signal_saves_requeues_and_exits(tmp_path):
     """Under SLURM (environment of a 1-task job) SIGUSR1 saves the checkpoint at the next step and runs
     `scontrol requeue <job id>` (a stand-in scontrol on PATH records its arguments)."""

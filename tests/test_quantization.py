@@ -64,7 +64,7 @@ def test_quantized_lora_trains_only_adapters_and_reference_is_the_base(bits, bat
                                  optimizer={"name": "AdamW", "lr": 1e-2})
     policy = module.policy
     assert is_quantized(policy)
-    assert module.reference_mode == "adapter" and module.reference is None  # no second copy of the weights
+    assert module.reference.mode == "adapter" and module.reference.module is None  # no second copy of the weights
     kinds = {type(m).__name__ for m in policy.modules()}
     assert LAYER[bits] in kinds, kinds  # the linear layers really are bitsandbytes layers
     qweights = [m.weight for m in policy.modules() if type(m).__name__ == LAYER[bits]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from arch_families import FAMILIES, build
-from test_logprobs import V, make_rows, run
+from helpers import V, make_rows, run
 
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.engine.recompute import (
@@ -64,37 +64,12 @@ def test_same_numbers_with_lora(dropout):
         assert torch.equal(got[1][k], ref[1][k]), k
 
 
-MEMORY_SCRIPT = """
-import ctypes, gc, torch
-from transformers import LlamaConfig, LlamaForCausalLM
-from dpo_lightning.engine.recompute import enable_selective_recompute
-ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD: big blocks are returned on free, RSS = live
-torch.set_num_threads(1)
-torch.manual_seed(0)
-model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                                     num_attention_heads=4, num_key_value_heads=2))
-ids = torch.randint(4, 97, (1, 1024))
-rss = lambda: int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
-def kept():
-    gc.collect(); before = rss()
-    h = model.model(input_ids=ids, use_cache=False).last_hidden_state
-    held = rss() - before
-    h.square().mean().backward(); model.zero_grad(set_to_none=True)
-    return held
-kept()  # warm-up
-plain = kept()
-enable_selective_recompute(model)
-kept()  # the first call also runs the in-place probe
-print("KEPT", plain, kept())
-"""
-
-
+@pytest.mark.subprocess
 def test_keeps_less_memory():
     """Activation memory after the forward (RSS with big blocks returned on free): under 70% of plain (~59% here)."""
-    import subprocess
-    import sys
+    from helpers import run_script
 
-    res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=300)
+    res = run_script("recompute_memory.py", timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     plain, selective = map(int, res.stdout.split("KEPT")[1].split())
     assert plain > 20 and selective < 0.7 * plain, (plain, selective)

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import rows_of
 
 from dpo_lightning import PreferenceDataModule, PreferenceLitModule, get_loss
 from dpo_lightning.data.collate import PreferenceCollator
@@ -22,18 +23,6 @@ from dpo_lightning.reference.cache import (
     weights_fingerprint,
 )
 from dpo_lightning.training.inputs import build_inputs
-
-
-def rows_of(tokenizer, n=6):
-    g = torch.Generator().manual_seed(0)
-    V = len(tokenizer)
-
-    def r(k):
-        return torch.randint(4, V, (k,), generator=g).tolist()
-
-    lens = [(1, 1, 5), (7, 9, 2), (3, 4, 4), (2, 1, 1), (5, 6, 3), (4, 2, 8)]
-    return [{"index": i, "prompt_ids": r(p), "chosen_ids": r(c), "rejected_ids": r(x)}
-            for i, (p, c, x) in enumerate(lens[:n])]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +90,7 @@ def test_precompute_in_training_reuses_cache_and_frees_the_reference(tiny_path, 
     def run():
         module = PreferenceLitModule(str(tiny_path), loss=get_loss("sigmoid", beta=0.1, ld_alpha=0.5),
                                      reference={"precompute": True}, optimizer={"lr": 1e-3})
-        assert module.reference_mode == "cached" and module.reference is None
+        assert module.reference.is_precomputed and module.reference.module is None
         dm = PreferenceDataModule(default_data_path, str(tiny_path), batch_size=4, max_length=64,
                                   val_fraction=0.2, cache_dir=str(tmp_path))
         trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -47,7 +47,7 @@ def test_full_finetuning_sync_equals_a_model_with_the_mixed_weights(tiny_path, b
     _move(m.policy.parameters())  # as training would
     pol = {k: v.clone() for k, v in m.policy.state_dict().items()}
     ref = {k: v.clone() for k, v in m.reference.state_dict().items()}
-    assert sync_reference(m, alpha) == len(list(m.policy.parameters())) and m.reference_version == 1
+    assert sync_reference(m.reference, alpha) == len(list(m.policy.parameters())) and m.reference.version == 1
     mixed = {k: (pol[k] if alpha == 1.0 else ref[k] * (1 - alpha) + pol[k] * alpha) for k in pol}
     fresh = load_causal_lm(ModelSpec(str(tiny_path)))
     fresh.load_state_dict(mixed)
@@ -62,7 +62,7 @@ def test_lora_sync_mixes_a_reference_adapter_not_the_base(tiny_path, batch):
     torch.set_num_threads(1)
     alpha = 0.5
     m = PreferenceLitModule(str(tiny_path), peft=LORA, reference={"sync": {"alpha": alpha, "every_n_steps": 1}})
-    assert m.reference_mode == "adapter" and m.reference is None and m.reference_adapter == "reference"
+    assert m.reference.mode == "adapter" and m.reference.module is None and m.reference.adapter == "reference"
     trainable = {n for n, p in m.policy.named_parameters() if p.requires_grad}
     assert trainable and all(".default." in n for n in trainable)  # the reference adapter never trains
     base = _plain_logps(load_causal_lm(ModelSpec(str(tiny_path))), batch)
@@ -70,7 +70,7 @@ def test_lora_sync_mixes_a_reference_adapter_not_the_base(tiny_path, batch):
     torch.testing.assert_close(m.reference_logps(batch).logps, base, atol=1e-5, rtol=0)  # still the base
     adapter = {n: p.detach().clone() for n, p in m.policy.named_parameters() if ".default." in n}
     ref_adapter = {n: p.detach().clone() for n, p in m.policy.named_parameters() if ".reference." in n}
-    sync_reference(m, alpha)
+    sync_reference(m.reference, alpha)
     fresh = apply_peft(load_causal_lm(ModelSpec(str(tiny_path))), LORA)
     params = dict(fresh.named_parameters())
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_checkpoint_restores_the_moved_reference(tiny_path, default_data_path, t
         return trainer, m, cap
 
     trainer, m, cap = fit(2)
-    assert m.reference_version == 1
+    assert m.reference.version == 1
     moved = {k: v.clone() for k, v in m.state_dict().items() if k in cap.state}
     assert moved and any(not torch.equal(moved[k], cap.state[k]) for k in moved)  # the sync moved it
     trainer.save_checkpoint(tmp_path / "last.ckpt")
@@ -142,4 +142,4 @@ def test_checkpoint_restores_the_moved_reference(tiny_path, default_data_path, t
     assert cap2.state.keys() == moved.keys()
     for k in moved:  # restored as moved, not rebuilt from the source
         torch.testing.assert_close(cap2.state[k], moved[k], atol=0, rtol=0)
-    assert m2.reference_version == 1 and trainer.global_step == 3  # no second sync at the resumed step
+    assert m2.reference.version == 1 and trainer.global_step == 3  # no second sync at the resumed step

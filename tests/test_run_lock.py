@@ -27,6 +27,7 @@ def test_a_live_holder_refuses_a_second_run(tmp_path):
     RunLock(tmp_path).acquire().release()  # and free again
 
 
+@pytest.mark.subprocess
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
     code = (f"import os; from dpo_lightning.cli.run_lock import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
             "os._exit(0)")  # exits holding the lock, as a killed run would: the file stays, the flock goes

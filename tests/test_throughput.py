@@ -4,38 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from helpers import script_env
 from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger
 
 from dpo_lightning import PreferenceDataModule, PreferenceLitModule, get_loss
 from dpo_lightning.callbacks import ThroughputMonitor
 from dpo_lightning.callbacks.throughput import matmul_params, nonpad_tokens, pairs_in_batch
-
-# A callback (imported by the training processes from PYTHONPATH) that writes what each rank trained on.
-RANK_COUNTS = '''
-import json, os
-import lightning as L
-
-class RankCounts(L.Callback):
-    def __init__(self, out_dir):
-        self.out_dir, self.pairs, self.tokens = out_dir, 0, 0
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.pairs += int(batch["index"].numel())
-        self.tokens += int(batch["attention_mask"].sum())
-    def on_train_end(self, trainer, pl_module):
-        os.makedirs(self.out_dir, exist_ok=True)
-        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as fh:
-            json.dump({"pairs": self.pairs, "tokens": self.tokens}, fh)
-'''
 
 
 class Counts(L.Callback):
@@ -105,19 +87,18 @@ def test_logs_figures_flops_and_summary(tmp_path, tiny_path, default_data_path):
 
 
 @pytest.mark.slow  # two processes on a 2-core machine: ~30 s idle
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_ddp_two_processes_sum_the_ranks(tmp_path):
     """gloo, 2 processes, the CLI: the logged totals are both ranks' pairs and tokens."""
-    (tmp_path / "cb").mkdir()
-    (tmp_path / "cb" / "rank_counts.py").write_text(textwrap.dedent(RANK_COUNTS))
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "cb"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = script_env(OMP_NUM_THREADS="1")  # tests/scripts (rank_counts_cb) on PYTHONPATH
     cmd = [sys.executable, "-m", "dpo_lightning.train", "logger=csv", "callbacks=none", "print_config=false",
            "eval_before=false", "trainer.accelerator=cpu", "strategy=ddp", "trainer.devices=2",
            "trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.val_check_interval=1000",
            "data.val_fraction=0", "data.batch_size=4", "data.max_length=48", "export=false", f"paths.output_dir={out}",
            "+callbacks.throughput._target_=dpo_lightning.callbacks.ThroughputMonitor",
-           "+callbacks.counts._target_=rank_counts.RankCounts", f"+callbacks.counts.out_dir={out}/ranks"]
+           "+callbacks.counts._target_=rank_counts_cb.RankCounts", f"+callbacks.counts.out_dir={out}/ranks"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
     ranks = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -1,6 +1,6 @@
 """Tokenization (TRL 1.16's convention), truncation and collation, with literal expected tensors.
 
-Tiny tokenizer ids used below: user=162 ':'=21 hi=84 '.'=10 assistant=27 hello=81 '!'=4 go=78 away=28
+Tiny tokenizer ids used below: user=213 ':'=21 hi=112 '.'=10 assistant=29 hello=109 '!'=4 go=102 away=31
 </s>=3 (EOS) <pad>=0.
 """
 
@@ -10,9 +10,9 @@ import torch
 from dpo_lightning.data.collate import PreferenceCollator, UnpairedCollator
 from dpo_lightning.data.tokenize import TruncationConfig, tokenize_completions, tokenize_records, truncate
 
-PROMPT = [162, 21, 84, 10, 27, 21]  # "user : hi . assistant :"
-CHOSEN = [81, 4, 3]  # " hello !" + EOS
-REJECTED = [78, 28, 10, 3]  # " go away ." + EOS
+PROMPT = [223, 21, 116, 10, 31, 21]  # "user : hi . assistant :"
+CHOSEN = [112, 4, 3]  # " hello !" + EOS
+REJECTED = [105, 33, 10, 3]  # " go away ." + EOS
 
 
 def test_text_pair_tokenized_with_eos(tokenizer):
@@ -40,16 +40,28 @@ def test_implicit_prompt_row_matches_explicit(tokenizer):
 
 @pytest.mark.parametrize("cfg, expected", [
     # keep_start: completions cut so prompt + completion <= max_length (TRL 1.16's [:max_length])
-    (TruncationConfig(max_length=8), (PROMPT, [[81, 4], [78, 28]])),
+    (TruncationConfig(max_length=8), (PROMPT, [[112, 4], [105, 33]])),
     # keep_end: oldest prompt tokens go so the longer completion (4) fits whole
-    (TruncationConfig(max_length=8, truncation_mode="keep_end"), ([84, 10, 27, 21], [CHOSEN, REJECTED])),
+    (TruncationConfig(max_length=8, truncation_mode="keep_end"), ([116, 10, 31, 21], [CHOSEN, REJECTED])),
     # max_prompt_length first, with the mode deciding which prompt end survives
-    (TruncationConfig(max_length=None, max_prompt_length=2), ([162, 21], [CHOSEN, REJECTED])),
-    (TruncationConfig(max_length=None, max_prompt_length=2, truncation_mode="keep_end"), ([27, 21], [CHOSEN, REJECTED])),
+    (TruncationConfig(max_length=None, max_prompt_length=2), ([223, 21], [CHOSEN, REJECTED])),
+    (TruncationConfig(max_length=None, max_prompt_length=2, truncation_mode="keep_end"), ([31, 21], [CHOSEN, REJECTED])),
     (TruncationConfig(max_length=6), (None, "prompt_fills_max_length")),
 ])
 def test_truncation_modes(cfg, expected):
     assert truncate(PROMPT, [CHOSEN, REJECTED], cfg) == expected
+
+
+LONG = list(range(100, 112))  # a completion longer than the room max_length leaves
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_a_completion_longer_than_the_room_keeps_its_beginning(mode):
+    prompt, (chosen, rejected) = truncate(PROMPT, [LONG, [7, 8]], TruncationConfig(max_length=8, truncation_mode=mode))
+    assert chosen == LONG[: 8 - len(prompt)]  # the tokens that follow the prompt, never the tail
+    assert rejected == [7, 8] and len(prompt) + len(chosen) <= 8
+    if mode == "keep_end":
+        assert prompt == PROMPT[-len(prompt):]  # keep_end still keeps the prompt's end
 
 
 def test_dropped_rows_are_counted(tokenizer):

@@ -1,4 +1,4 @@
-"""Issue 10 part 5 (the parts that landed): batched encoding and a fast prompt split are exact, and the
+"""Tokenization speed-ups: batched encoding and a fast prompt split are exact, and the
 tokenizer's fingerprint (the caches' key) does not change once the tokenizer has been used."""
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.distributed, pytest.mark.subprocess, pytest.mark.slow]
 TIMEOUT = 300
 LOOPBACK = "127.0.0.1"
 ARGS = ["strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2", "logger=none",

@@ -6,26 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import OK_ROW as OK
+from helpers import VALIDATION_CASES as CASES
 
 from dpo_lightning import PreferenceDataModule
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.data.tokenize import TruncationConfig
 from dpo_lightning.data.validate import DataValidator, check_policies
 
-OK = {"prompt": "the cat sat on", "chosen": "the mat", "rejected": "the dog"}
-# (row, reason) for every reason; the tiny word-level tokenizer splits on whitespace and punctuation.
-CASES = [
-    ({"prompt": "the cat", "chosen": "the mat"}, "missing_field"),
-    ({"prompt": "the cat", "chosen": 7, "rejected": "the dog"}, "non_string_field"),
-    ({"prompt": "the cat", "completion": "the mat", "label": True}, "mixed_formats"),
-    ({"prompt": "   ", "chosen": "the mat", "rejected": "the dog"}, "empty_field"),
-    ({"prompt": "the cat", "chosen": "the mat", "rejected": "the mat"}, "identical_completions"),
-    (OK, "duplicate_pair"),
-    ({"prompt": "the cat </s> sat", "chosen": "the mat", "rejected": "the dog"}, "special_tokens"),
-    ({"prompt": " ".join(["cat"] * 40), "chosen": "the mat", "rejected": "the dog"}, "prompt_fills_max_length"),
-    ({"prompt": "the cat", "chosen": " ".join(["mat"] * 40), "rejected": "the dog"}, "completion_truncated"),
-    ({"prompt": "the c", "chosen": "at sat", "rejected": "at mat"}, "prompt_boundary_mismatch"),
-]
 CFG = TruncationConfig(max_length=16)
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import VALIDATION_CASES as CASES
 
 from dpo_lightning.data import cache
 from dpo_lightning.data.formats import DataError, pairs_to_unpaired
 from dpo_lightning.data.tokenize import TruncationConfig, tokenize_records
 from dpo_lightning.data.validate import DataValidator
-from tests.test_validate import CASES
 
 CFG = TruncationConfig(max_length=16)
 WORDS = ["mat", "dog", "hat", "log", "sat", "on", "cat", "the"]
@@ -91,7 +91,7 @@ def test_the_first_error_of_the_source_is_raised_with_its_row_number(tokenizer, 
     rows[16] = {"prompt": "the cat", "completion": "the mat", "label": True}
     with pytest.raises(DataError, match=r"bad.jsonl: row 16: paired and unpaired rows in one file"):
         run({})
-    assert not list((tmp_path / "c").iterdir())  # nothing half-written
+    assert not [p for p in (tmp_path / "c").iterdir() if p.suffix != ".lock"]  # nothing half-written
 
 
 def test_a_source_whose_first_rows_are_unreadable_learns_its_kind_further_on(tokenizer, tmp_path, monkeypatch):
@@ -100,7 +100,7 @@ def test_a_source_whose_first_rows_are_unreadable_learns_its_kind_further_on(tok
                                     for k in range(5)] + [_clean(1)[0]]
     path = tmp_path / "kto.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    v = DataValidator({"missing_field": "drop", "mixed_formats": "drop"})
+    v = DataValidator({"missing_field": "drop", "mixed_formats": "drop", "duplicate_pair": "keep"})  # rows repeat
     got, _, _ = cache.tokenize_source(str(path), "train", tokenizer, CFG, validator=v, num_proc=2,
                                       cache_dir=tmp_path / "c", progress=False)
     assert [r["index"] for r in got] == [5, 6, 7, 8, 9] and not got.paired

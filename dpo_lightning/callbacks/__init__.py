@@ -4,7 +4,9 @@ from dpo_lightning.callbacks.checkpoint import PreferenceCheckpoint, selection_m
 from dpo_lightning.callbacks.curves import TrainingCurves
 from dpo_lightning.callbacks.generation import GenerationEvaluation
 from dpo_lightning.callbacks.preemption import Preempted, PreemptionCheckpoint
+from dpo_lightning.callbacks.progress import StepProgressBar
 from dpo_lightning.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["GenerationEvaluation", "PreemptionCheckpoint", "Preempted", "PreferenceCheckpoint", "ThroughputMonitor",
+__all__ = ["GenerationEvaluation", "PreemptionCheckpoint", "Preempted", "PreferenceCheckpoint", "StepProgressBar",
+           "ThroughputMonitor",
            "TrainingCurves", "selection_metric"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 
 PANELS = ("loss", "rewards/accuracies", "rewards/margins")
+RECORDED = ("pref_loglik",)  # held-out values kept in the CSV (the sweep's curves plot) but not drawn here
 
 
 def smooth(values, weight: float | None = None) -> list[float]:
@@ -48,13 +49,9 @@ class TrainingCurves(L.Callback):
         self.history = defaultdict(list, {k: [(int(s), float(v)) for s, v in pts]
                                           for k, pts in state_dict.get("history", {}).items()})
 
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if not trainer.sanity_checking:
-            self._record(trainer, "val")
-
     def _record(self, trainer, split: str) -> None:
         metrics = trainer.callback_metrics
-        for name in self.panels:
+        for name in (*self.panels, *(RECORDED if split == "val" else ())):
             key = f"{split}/{name}"
             if key in metrics:
                 pts = self.history[key]
@@ -67,7 +64,10 @@ class TrainingCurves(L.Callback):
             self.path = self.save(Path(self.dirpath or trainer.default_root_dir))
 
     def on_validation_end(self, trainer, pl_module):
-        """A validation run after ``fit`` (``trainer.validate``): redraw with its held-out point."""
+        """Record the held-out values (here, after every epoch-end hook: the module logs ``val/pref_loglik`` in
+        its own); a validation run after ``fit`` (``trainer.validate``): redraw with its held-out point."""
+        if not trainer.sanity_checking:
+            self._record(trainer, "val")
         if self.path is not None and not trainer.sanity_checking and trainer.state.fn == "validate" \
                 and trainer.is_global_zero:
             self.path = self.save(self.path.parent)

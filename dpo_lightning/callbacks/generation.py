@@ -5,7 +5,8 @@
 
 At each validation (not the sanity check) the first ``num_prompts`` held-out prompts of the data module are
 sampled from the policy and from the reference (the reference's samples once per run, reused until a TR-DPO
-sync moves it), scored and judged (``generation.py``). Logged: ``gen/kl`` (+ ``gen/kl_stderr``),
+sync moves it; with ``reference.precompute`` the reference weights are loaded for the pass and released),
+scored and judged (``generation.py``). Logged: ``gen/kl`` (+ ``gen/kl_stderr``),
 ``gen/entropy``, ``gen/length``, ``gen/eos_rate``, ``gen/seconds`` (its cost), with a judge ``gen/win_rate`` (+ ``_stderr``), with a
 reward-model judge ``gen/reward``; every logger gets the metrics, W&B also a table per step
 (``generations/step_<N>``), and ``<dirpath>/step_<N>.jsonl`` holds every sample whatever the logger.
@@ -95,7 +96,7 @@ class GenerationEvaluation(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or not self.settings.num_prompts:
             return
-        step, version = trainer.global_step, getattr(pl_module, "reference_version", 0)
+        step, version = trainer.global_step, pl_module.reference.version
         if self._done == (step, version):  # this policy was just evaluated (the validation after fit)
             return
         tokenizer = self.tokenizer or getattr(trainer.datamodule, "tokenizer", None)
@@ -121,11 +122,14 @@ class GenerationEvaluation(L.Callback):
         if synced:  # the same number of forwards on every rank: pad with copies of a prompt (dropped later)
             per_rank = -(-len(prompts) // world)
             shard += [(-1 - j, prompts[0][1]) for j in range(per_rank - len(shard))]
+        # precomputed reference log-probs: the reference weights are opened for this pass, except under a
+        # sharded strategy (every rank would hold the whole reference)
+        open_reference = not synced
         with context:
             records, self._reference_samples = generate_and_score(
                 pl_module, tokenizer, shard, self.settings, judge=self.judge,
                 seed=self.settings.seed + step + 7919 * rank, reference_samples=self._reference_samples,
-                synced_gpus=synced)
+                synced_gpus=synced, open_reference=open_reference)
         records = [dict(r, step=step) for r in gather_records(records) if r["prompt_index"] >= 0]
         self.last_records = records
         if trainer.is_global_zero:
@@ -134,8 +138,10 @@ class GenerationEvaluation(L.Callback):
             self._log_table(trainer, records, step)
         metrics = summarize(records)
         if "gen/kl" not in metrics and not self._warned:
-            log.warning("generation evaluation: no reference model to score against (reference-free loss or "
-                        "reference.precompute=true): gen/kl, reference samples and the judge are skipped")
+            why = ("reference.precompute=true under a sharded strategy (the whole reference would be loaded "
+                   "on every rank)" if pl_module.reference.is_precomputed else "a reference-free loss")
+            log.warning("generation evaluation: no reference model to score against (%s): gen/kl, reference "
+                        "samples and the judge are skipped", why)
             self._warned = True
         return metrics
 

@@ -29,6 +29,8 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 
+from dpo_lightning.models.peft import peft_base
+
 
 def pairs_in_batch(batch: dict[str, Any]) -> int:
     """Preference pairs (or unpaired rows) in a collated batch."""
@@ -42,7 +44,7 @@ def nonpad_tokens(batch: dict[str, Any]) -> int:
 
 def matmul_params(model: torch.nn.Module) -> int:
     """Parameters every token multiplies: all but the input embedding (tied: counted once, as the LM head)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model
+    base = peft_base(model)
     total = base.num_parameters() if hasattr(base, "num_parameters") else sum(p.numel() for p in base.parameters())
     emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -88,7 +90,7 @@ class ThroughputMonitor(LightningThroughputMonitor):
 
     def flops_per_token(self, pl_module, training: bool) -> int:
         """6·N (training) or 2·N (evaluation) for the policy, + 2·N for a live reference's forward."""
-        live_reference = getattr(pl_module, "reference_mode", "none") not in ("none", "cached")
+        live_reference = pl_module.reference.needs_model
         return ((6 if training else 2) + (2 if live_reference else 0)) * self._params
 
     def _set_flops(self, pl_module, tokens: float, training: bool) -> None:

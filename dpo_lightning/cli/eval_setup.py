@@ -15,9 +15,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dpo_lightning.config.checks import loss_from_config
-from dpo_lightning.config.validate import ConfigError
+from dpo_lightning.config.base import ConfigError
+from dpo_lightning.config.values import loss_from_config
 from dpo_lightning.reference.record import REFERENCE_FILE, read_reference_record
+from dpo_lightning.reference.spec import AUTO, Mode
 
 SPLITS = ("all", "heldout")
 
@@ -38,10 +39,10 @@ def prepare_eval(cfg: DictConfig) -> list[str]:
 def _reference_from_export(cfg: DictConfig) -> list[str]:
     loss = loss_from_config(cfg)
     ref = cfg.get("reference") or {}
-    if loss is None or not loss.requires_reference or ref.get("name_or_path") or ref.get("mode") in ("copy", "none"):
+    if loss is None or not loss.requires_reference or ref.get("name_or_path") or ref.get("mode") in (Mode.COPY, Mode.NONE):
         return []
     peft = OmegaConf.select(cfg, "peft")
-    if peft and peft.get("method", "lora") not in (None, "none") and ref.get("mode", "auto") in ("auto", "adapter"):
+    if peft and peft.get("method", "lora") not in (None, "none") and ref.get("mode", AUTO) in (AUTO, Mode.ADAPTER):
         return []  # the adapter-disabled base model is the reference
     policy = str(OmegaConf.select(cfg, "model.name_or_path"))
     record = read_reference_record(policy)

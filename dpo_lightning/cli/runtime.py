@@ -26,6 +26,18 @@ def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None) -> Non
         save_config(cfg, save_to)
 
 
+def config_summary(cfg: DictConfig, saved_to: str | Path | None = None) -> str:
+    """One line naming what a run trains (model, loss and its beta, lr, steps) and where its full config is."""
+    def get(key: str):
+        return OmegaConf.select(cfg, key, default=None)
+
+    loss = f"{get('loss.name')}" + (f" (beta {get('loss.beta')})" if get("loss.beta") is not None else "")
+    parts = [f"model {get('model.name_or_path')}", f"loss {loss}", f"lr {get('optimizer.lr')}",
+             f"max_steps {get('trainer.max_steps')}", f"reference {get('reference.mode')}"]
+    where = f"; full config: {saved_to} (print it with print_config=true)" if saved_to else ""
+    return "config: " + ", ".join(parts) + where
+
+
 def save_config(cfg: DictConfig, path: str | Path) -> None:
     from dpo_lightning.files.atomic import atomic_write_text
 

@@ -10,8 +10,8 @@ formats row lists) in chunks to ``num_proc`` processes (default: every core), wh
 tokenize them (``checks.py`` on one encoding per row; ``formats.py``, ``tokenize.py``: TRL's semantics,
 unchanged); the parent merges each chunk's check results in row order (``DataValidator.absorb``: counts,
 the first error, duplicates across chunks) and appends its arrays to the entry as it comes back, so memory
-stays flat whatever the size, and a progress bar shows rows/s. Concurrent misses (the ranks of a node) take a file lock: one
-tokenizes, the others wait and hit.
+stays flat whatever the size, and a progress bar shows rows/s. Concurrent misses (the ranks of a node) take the
+entry's file lock (``files/disk_cache.py``): one tokenizes, the others wait and hit.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from dpo_lightning.data.cache_keys import (
     cache_key,
     cache_root,
     default_num_proc,
-    locked,
     records_fingerprint,
     source_fingerprint,
     tokenizer_fingerprint,
@@ -41,6 +40,7 @@ from dpo_lightning.data.formats import DataError, load_records, parse_jsonl_line
 from dpo_lightning.data.store import StoreWriter, TokenRows, load_store
 from dpo_lightning.data.tokenize import TruncationConfig, split_prompt, tokenize_records, truncate
 from dpo_lightning.data.validate import DataValidator, first_kind, is_unpaired_file
+from dpo_lightning.files.disk_cache import file_lock
 
 CHUNK_ROWS = 512  # rows per task sent to a worker
 
@@ -110,7 +110,7 @@ def _jsonl_tasks(path: Path, rows: int | None = None) -> Iterator[tuple[str, int
     rows = rows or CHUNK_ROWS
     opener = gzip.open if path.suffix == ".gz" else open
     chunk, start = [], 0
-    with opener(path, "rt", encoding="utf-8") as fh:
+    with opener(path, "rt", encoding="utf-8-sig") as fh:  # a byte-order mark (Windows tools) is not data
         for n, line in enumerate(fh, start=1):
             if line.strip():
                 chunk.append((n, line))
@@ -208,12 +208,10 @@ def _parallel(tasks: Iterator, state: dict[str, Any], procs: int, take) -> None:
 
 
 def _cached(key: str, cache_dir, make) -> tuple[TokenRows, dict[str, Any]]:
-    root = cache_root(cache_dir)
-    folder = root / key
+    folder = cache_root(cache_dir) / key
     store = load_store(folder)
     if store is None:
-        root.mkdir(parents=True, exist_ok=True)
-        with locked(root):
+        with file_lock(folder):  # <key>.lock beside the entry
             store = load_store(folder)  # another process may have built it while we waited
             if store is None:
                 make(folder)

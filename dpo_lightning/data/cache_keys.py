@@ -1,4 +1,5 @@
-"""Where the tokenization cache lives, what its entries are keyed by, and the lock concurrent misses take.
+"""Where the tokenization cache lives and what its entries are keyed by (``files/disk_cache.py`` does the
+hashing, the lock concurrent misses take and the atomic publication, as for every cache of the package).
 
 An entry's key hashes the cache format (``CACHE_VERSION``), the source (``source_fingerprint``: a local
 file's or folder's bytes; otherwise its rows, ``records_fingerprint``), the tokenizer
@@ -7,13 +8,15 @@ file's or folder's bytes; otherwise its rows, ``records_fingerprint``), the toke
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 from pathlib import Path
 from typing import Any
+
+from dpo_lightning.files import disk_cache
+from dpo_lightning.files.disk_cache import hash_file
 
 CACHE_VERSION = "3"
 _CALL_STATE = re.compile(r'"truncation":(null|\{[^{}]*\}),"padding":(null|\{[^{}]*\}),')
@@ -40,8 +43,8 @@ def default_num_proc() -> int:
 
 
 def cache_root(cache_dir: str | Path | None) -> Path:
-    return Path(cache_dir) if cache_dir else Path(os.environ.get(
-        "DPO_LIGHTNING_CACHE", Path.home() / ".cache" / "dpo_lightning")) / "tokenized"
+    """``data.cache_dir`` is the tokenization folder itself; without one, ``<DPO_LIGHTNING_CACHE>/tokenized``."""
+    return disk_cache.cache_root(cache_dir, None if cache_dir else "tokenized")
 
 
 def source_fingerprint(source: str | Path) -> str | None:
@@ -62,13 +65,6 @@ def source_fingerprint(source: str | Path) -> str | None:
     return h.hexdigest()
 
 
-def hash_file(h, path: Path) -> None:
-    """Feed a file's bytes to the hash ``h`` in 16 MiB blocks."""
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
-
-
 def records_fingerprint(records: list[dict[str, Any]]) -> str:
     h = hashlib.sha256()
     for r in records:
@@ -77,21 +73,4 @@ def records_fingerprint(records: list[dict[str, Any]]) -> str:
 
 
 def cache_key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-@contextlib.contextmanager
-def locked(root: Path):
-    """An exclusive lock on the cache folder (POSIX; elsewhere concurrent misses both write, atomically)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    return disk_cache.cache_key(*parts, version=CACHE_VERSION)

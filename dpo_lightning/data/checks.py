@@ -6,7 +6,7 @@ Each row is normalized (``formats.py``), checked for the text-level reasons, enc
 encoding of ``tokenize.py``) and checked for the token-level reasons on those very ids, which then become the
 row's tokens: the data is tokenized once. A row stops at its first ``drop`` or ``error`` reason, as in a
 one-pass check; nothing is counted or raised here. The chunk's ``events`` (row, stage, reason, detail) and the
-hash of each pair that reaches the duplicate check go back to the parent, which applies them in row order
+hash of each row that reaches the duplicate check go back to the parent, which applies them in row order
 (``DataValidator.absorb``): it counts, keeps the example rows, raises the first ``error`` of the source, and
 decides ``duplicate_pair`` across chunks (the first occurrence is kept). ``stage`` 0 events come before the
 duplicate check, stage 1 after it (a duplicate that is dropped never reaches them).
@@ -42,8 +42,9 @@ class ChunkContext:
 class ChunkResult:
     rows: int = 0
     events: list[Event] = field(default_factory=list)
-    hashes: list[tuple[int, int]] = field(default_factory=list)  # (row, 64-bit hash of prompt/chosen/rejected)
+    hashes: list[tuple[int, int]] = field(default_factory=list)  # (row, 64-bit hash of the row's content)
     kept: list[tuple[int, dict, Any]] = field(default_factory=list)  # (row, record, (prompt ids, [completion ids]))
+    unpaired: bool = False  # the source's rows are unpaired (prompt/completion/label)
 
 
 def _texts(value: Any) -> list[str]:
@@ -51,7 +52,9 @@ def _texts(value: Any) -> list[str]:
 
 
 def pair_hash(rec: dict) -> int:
-    key = repr((rec["prompt"], rec["chosen"], rec["rejected"])).encode()
+    """A 64-bit hash of a row's content: (prompt, chosen, rejected), or (prompt, completion, label)."""
+    fields = ("prompt", "chosen", "rejected") if "chosen" in rec else ("prompt", "completion", "label")
+    key = repr(tuple(rec[f] for f in fields)).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little", signed=True)
 
 
@@ -98,7 +101,7 @@ class _Checker:
             if rec["chosen"] == rec["rejected"] and self.flag(i, 0, "identical_completions",
                                                               "fields 'chosen' and 'rejected' are identical"):
                 return None
-            self.out.hashes.append((i, pair_hash(rec)))
+        self.out.hashes.append((i, pair_hash(rec)))  # duplicate_pair: pairs and unpaired rows alike
         for f in ["prompt", *comps]:
             for text in _texts(rec[f]):
                 body = text
@@ -137,7 +140,7 @@ class _Checker:
 def check_chunk(rows: list, start: int, ctx: ChunkContext, *, lines: bool = False) -> ChunkResult:
     """Check rows ``start``, ``start + 1``, ... of ``ctx.where`` (see the module docstring). ``lines``: the
     rows are (line number, JSONL text) pairs, parsed here (a bad line is an error event naming row and line)."""
-    out = ChunkResult(rows=len(rows))
+    out = ChunkResult(rows=len(rows), unpaired=ctx.unpaired_file)
     checker, kind = _Checker(ctx, out), [ctx.paired_kind]
     passed: list[tuple[int, dict]] = []
     for j, row in enumerate(rows):

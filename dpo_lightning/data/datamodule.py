@@ -18,7 +18,6 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 from dpo_lightning.data.cache import tokenize_cached, tokenize_source, tokenizer_fingerprint
@@ -27,10 +26,11 @@ from dpo_lightning.data.formats import DataError
 from dpo_lightning.data.from_module import adopt_loss_settings
 from dpo_lightning.data.layouts import PACKED_UNSHARED, PLAIN, PREFIX_SHARED, check_layout
 from dpo_lightning.data.sampler import LengthGroupedSampler, ResumableDataLoader
+from dpo_lightning.data.split import held_out_mask
 from dpo_lightning.data.store import TokenRows
 from dpo_lightning.data.tokenize import TruncationConfig
 from dpo_lightning.data.units import UnitCollator, UnitRows, unit_positions, units_per_batch
-from dpo_lightning.data.validate import DataValidator
+from dpo_lightning.data.validate import NO_KEEP, DataValidator
 
 __all__ = ["PreferenceDataModule", "tokenize_cached", "tokenizer_fingerprint"]
 
@@ -41,7 +41,8 @@ class PreferenceDataModule(L.LightningDataModule):
     Args:
         path: JSONL/JSON/Parquet/CSV file, saved ``datasets`` folder, or hub dataset id.
         tokenizer: a tokenizer, or a hub id / path / ``ModelSpec`` to load it from.
-        val_path: held-out data; otherwise ``val_fraction`` of ``path`` is held out (seeded).
+        val_path: held-out data; otherwise ``val_fraction`` of the prompts of ``path`` is held out (seeded;
+            every row of a held-out prompt, so no held-out prompt is trained on: ``split.py``).
         batch_size: pairs per device step (rows for unpaired data; split pairs and KTO rows travel in units
             of two rows, so an odd size rounds up, ``units.py``); ``eval_batch_size`` defaults to it.
         paired: False turns pairs into (prompt, completion, label) rows for unpaired losses (KTO);
@@ -58,6 +59,8 @@ class PreferenceDataModule(L.LightningDataModule):
         validation: per-reason policies (``error`` / ``drop`` / ``keep``) of the row checks run before
             tokenization (``validate.py``, which lists the reasons and defaults; run in the tokenizing processes).
         report_path: where to write the validation report (``data_report.json``); None: not written.
+        max_drop_fraction: the largest share of a source's rows that validation may drop (all reasons
+            together); more stops before training with the counts by reason (1.0: never stop).
     """
 
     def __init__(self, path: str, tokenizer: Any, *, val_path: str | None = None, val_fraction: float = 0.0,
@@ -68,8 +71,11 @@ class PreferenceDataModule(L.LightningDataModule):
                  num_workers: int = 0,
                  cache_dir: str | None = None, seed: int = 42, pad_to_multiple_of: int | None = None,
                  layout: str = PREFIX_SHARED, group_by_length: bool = True,
-                 validation: dict[str, str] | None = None, report_path: str | None = None):
+                 validation: dict[str, str] | None = None, report_path: str | None = None,
+                 max_drop_fraction: float = 0.5):
         super().__init__()
+        if not 0.0 <= max_drop_fraction <= 1.0:
+            raise ValueError(f"data.max_drop_fraction={max_drop_fraction}: must be in [0, 1]")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
         if batch_size < 1:
@@ -85,6 +91,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self._tokenizer = self._tokenizer_source = tokenizer
         self._pad_token_id: int | None = None
         self.validator, self.report_path = DataValidator(validation), report_path
+        self.max_drop_fraction = max_drop_fraction
         self.train_rows: TokenRows | None = None
         self.from_pairs = False  # set when paired data was split into unpaired rows
         self.val_rows: TokenRows | list = []
@@ -121,10 +128,35 @@ class PreferenceDataModule(L.LightningDataModule):
                                                      num_proc=self.num_proc, cache_dir=self.cache_dir)
         self.from_pairs = self.from_pairs or split_pairs
         self.dropped.update(dropped)
+        self._check_dropped(str(source))
         if not len(rows):
             raise DataError(f"{source}: no rows left after tokenization and truncation (dropped: {dict(dropped)}); "
                             "raise data.max_length or lower data.max_prompt_length")
         return rows
+
+    def _check_dropped(self, where: str) -> None:
+        """Stop (``DataError``) when validation dropped more than ``max_drop_fraction`` of the source's rows."""
+        rep = self.validator.report["sources"].get(where) or {}
+        rows, dropped = rep.get("rows", 0), rep.get("dropped", 0)
+        if not rows or dropped <= self.max_drop_fraction * rows:
+            return
+        if self.report_path:
+            self.validator.write_report(self.report_path)
+        reasons = {r: v["count"] for r, v in rep["by_reason"].items() if v["policy"] == "drop"}
+        counts = ", ".join(f"{r} {c}" for r, c in sorted(reasons.items(), key=lambda x: -x[1]))
+        fixes = []
+        if reasons.keys() & {"prompt_fills_max_length", "empty_after_truncation"}:
+            fixes.append(f"raise data.max_length (now {self.truncation.max_length})"
+                         + (f" or data.max_prompt_length (now {self.truncation.max_prompt_length})"
+                            if self.truncation.max_prompt_length else ""))
+        keepable = sorted(r for r in reasons if r not in NO_KEEP)
+        if keepable:
+            fixes.append("keep such rows with " + " ".join(f"data.validation.{r}=keep" for r in keepable))
+        fixes.append(f"or train on the {rows - dropped} rows left with data.max_drop_fraction="
+                     f"{min(1.0, -(-100 * dropped // rows) / 100):g}")
+        raise DataError(f"{where}: validation dropped {dropped} of {rows} rows ({dropped / rows:.0%}), more than "
+                        f"data.max_drop_fraction={self.max_drop_fraction:g}: {counts}; "
+                        + "; ".join(fixes) + (f" (details: {self.report_path})" if self.report_path else ""))
 
     def setup(self, stage: str | None = None) -> None:
         if adopt_loss_settings(self, getattr(self.trainer, "lightning_module", None) if self.trainer else None):
@@ -136,12 +168,9 @@ class PreferenceDataModule(L.LightningDataModule):
             self.train_rows = rows
             self.val_rows = self._tokenize(self.val_path, self.val_split)
         elif self.val_fraction > 0:
-            # hold out whole pairs: the two rows of a split pair never straddle train and validation
-            group = rows.index // 2 if self.from_pairs else rows.index
-            keys = np.unique(group)  # sorted
-            g = torch.Generator().manual_seed(self.seed)
-            order = torch.randperm(len(keys), generator=g).numpy()
-            held = np.isin(group, keys[order[: max(1, int(round(self.val_fraction * len(keys))))]])
+            # hold out whole prompts (split.py): no held-out prompt is seen in training, on any rank
+            held = held_out_mask(rows, val_fraction=self.val_fraction, seed=self.seed, from_pairs=self.from_pairs,
+                                 where=str(self.path))
             self.val_rows = rows.take(np.flatnonzero(held))  # views in row order: no row is copied
             self.train_rows = rows.take(np.flatnonzero(~held))
         else:

@@ -66,8 +66,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
+    with opener(path, "rt", encoding="utf-8-sig") as fh:  # -sig: a leading byte-order mark is not data
+        for i, line in enumerate(fh):  # text mode: CRLF line ends read as LF
             if line.strip():
                 rows.append(parse_jsonl_line(line, path, len(rows), i + 1))
     return rows
@@ -86,7 +86,7 @@ def parse_jsonl_line(line: str, path: Any, row: int, line_no: int) -> dict[str, 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):

@@ -24,15 +24,15 @@ maps; slicing and ``take`` give views, and the lengths come out as arrays withou
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dpo_lightning.files.disk_cache import publish_folder, staging_folder
 
 FIELDS = ("prompt", "a", "b")
 
@@ -42,8 +42,7 @@ class StoreWriter:
 
     def __init__(self, final: Path):
         self.final = final
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+        self.tmp = staging_folder(final)
         self._raw = {f: open(self.tmp / f"{f}.raw", "wb") for f in FIELDS}
         self._lens: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
         self._index: list[np.ndarray] = []
@@ -76,11 +75,9 @@ class StoreWriter:
             meta = {"version": 1, "paired": paired, "from_pairs": from_pairs, "rows": n, "tokens": tokens,
                     "dropped": dict(self.dropped), "report": report}
             (self.tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True))
-            try:
-                os.rename(self.tmp, self.final)  # atomic; a finished entry is never half-written
-            except OSError:  # another process published the same key first: same content, keep theirs
-                if not (self.final / "meta.json").exists():
-                    raise
+            # atomic; a finished entry is never half-written. Another process that published the same key
+            # first wrote the same content: keep theirs
+            publish_folder(self.tmp, self.final, complete=lambda entry: (entry / "meta.json").exists())
         finally:
             self.abort()
         return self.final
@@ -186,6 +183,13 @@ class TokenRows(Sequence):
         """Per-row token counts of ``prompt``, ``a`` (chosen / completion) or ``b`` (rejected)."""
         off = self._store["arrays"][f"{field}_off"]
         return np.asarray(off[self._pos + 1] - off[self._pos])
+
+    def prompt_bytes(self):
+        """Each row's prompt ids as bytes (little-endian int32), in row order: a key for grouping by prompt."""
+        a = self._store["arrays"]
+        prompt, off = a["prompt"], a["prompt_off"]
+        for p in self._pos.tolist():
+            yield np.asarray(prompt[off[p]:off[p + 1]], dtype="<i4").tobytes()
 
     def set_column(self, name: str, values) -> None:
         """A per-row value (e.g. a cached reference log-prob) that every row dict then carries."""

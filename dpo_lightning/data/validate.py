@@ -12,7 +12,9 @@ it, ``keep`` only counts it):
     mixed_formats            [error]  paired and unpaired (prompt/completion/label) rows in one file
     empty_field              [drop]   a prompt or completion that is empty or only whitespace
     identical_completions    [drop]   chosen == rejected: no preference to learn
-    duplicate_pair           [keep]   the same (prompt, chosen, rejected) again (with drop: the first is kept)
+    duplicate_pair           [drop]   the same (prompt, chosen, rejected) again, or for unpaired rows the same
+                                      (prompt, completion, label): the first is kept (a copy would otherwise
+                                      weigh twice, and could sit on both sides of the held-out split)
     special_tokens           [drop]   a literal special token (e.g. "</s>", "<|endoftext|>") inside the text,
                                       which the tokenizer turns into a control token (a trailing EOS on a
                                       completion is allowed: it is the one EOS appended anyway)
@@ -44,7 +46,7 @@ from dpo_lightning.data.formats import DataError
 POLICIES = ("error", "drop", "keep")
 DEFAULT_POLICIES = {
     "missing_field": "error", "non_string_field": "error", "mixed_formats": "error", "empty_field": "drop",
-    "identical_completions": "drop", "duplicate_pair": "keep", "special_tokens": "drop",
+    "identical_completions": "drop", "duplicate_pair": "drop", "special_tokens": "drop",
     "prompt_fills_max_length": "drop", "empty_after_truncation": "drop", "completion_truncated": "keep",
     "prompt_boundary_mismatch": "keep",
 }
@@ -115,6 +117,7 @@ class DataValidator:
         for e in chunk.events:
             events.setdefault(e[0], []).append(e)
         hashes = dict(chunk.hashes)
+        fields = "prompt, completion and label" if chunk.unpaired else "prompt, chosen and rejected"
         gone: set[int] = set()
         for i in sorted(events.keys() | hashes.keys()):
             stages = [[e for e in events.get(i, []) if e[1] == s] for s in (0, 1)]
@@ -123,7 +126,7 @@ class DataValidator:
             h = hashes.get(i)
             if h is not None:
                 if h in self._seen:
-                    if self._flag(i, "duplicate_pair", "the same prompt, chosen and rejected as an earlier row"):
+                    if self._flag(i, "duplicate_pair", f"the same {fields} as an earlier row"):
                         self._dropped += 1
                         gone.add(i)
                         continue

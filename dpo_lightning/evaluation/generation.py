@@ -29,7 +29,6 @@ import torch
 
 from dpo_lightning.data.layouts import plain_layout
 from dpo_lightning.engine.logprobs import sequence_logps
-from dpo_lightning.reference.spec import reference_model
 
 
 @dataclass
@@ -140,11 +139,15 @@ def score_completions(model: torch.nn.Module, prompts: list[list[int]], completi
 
 def generate_and_score(module, tokenizer, prompts: list[tuple[int, list[int]]], settings: GenerationSettings, *,
                        judge=None, seed: int = 0, reference_samples: dict[int, list[list[int]]] | None = None,
-                       synced_gpus: bool = False) -> tuple[list[dict[str, Any]], dict[int, list[list[int]]]]:
+                       synced_gpus: bool = False, open_reference: bool = True,
+                       ) -> tuple[list[dict[str, Any]], dict[int, list[list[int]]]]:
     """Sample from the policy (and, unless given, the reference) for ``prompts`` [(index, prompt ids)], score
     the policy's samples under both models and judge them against the reference's; one record per sample.
 
-    Returns (records, reference samples by prompt index) so a caller can reuse the reference's samples.
+    With precomputed reference log-probs the reference weights are opened for this call (``open_reference``;
+    ``Reference.scoring_model(open_cached=True)``) and released after it, so ``gen/kl`` and the judge work
+    whether or not training runs a live reference. Returns (records, reference samples by prompt index) so a
+    caller can reuse the reference's samples.
     """
     settings = _as_settings(settings)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -158,7 +161,7 @@ def generate_and_score(module, tokenizer, prompts: list[tuple[int, list[int]]], 
     logp = score_completions(module.policy, rep, policy, **opts)
     reference_samples = dict(reference_samples or {})
     ref_logp = None
-    with reference_model(module) as ref:
+    with module.reference.scoring_model(open_cached=open_reference) as ref:  # None: reference-free
         if ref is not None:
             missing = [(i, p) for i, p in prompts if i not in reference_samples]
             if missing:

@@ -1,7 +1,8 @@
 """Atomic file writes and atomic Lightning checkpoints (files and sharded folders).
 
 Nothing is half-written: every file goes to a temporary name in the same folder and is renamed into
-place (``os.replace``), so a crash leaves either the old file or the new one.
+place (``os.replace``), so a crash leaves either the old file or the new one. Temporary files and folders
+get the modes ``open`` and ``mkdir`` would (the umask honoured), not ``tempfile``'s private 0600 / 0700.
 """
 
 from __future__ import annotations
@@ -17,10 +18,53 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS says it (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(old)
+    return old
+
+
+def temp_file(folder: str | Path, prefix: str, suffix: str = "") -> tuple[int, str]:
+    """``tempfile.mkstemp`` (created 0600, private) with the mode a plain ``open`` would give: 0666 less the
+    umask, so a file renamed into place from it reads like any other (a teammate can read an export)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, tmp
+
+
+def temp_dir(folder: str | Path, prefix: str) -> Path:
+    """``tempfile.mkdtemp`` (created 0700) with the mode ``mkdir`` would give: 0777 less the umask."""
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=prefix))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def honour_umask(folder: str | Path) -> None:
+    """Give every file and folder under ``folder`` (and itself) the umask's mode: libraries that write through
+    their own temporary files (``save_pretrained``'s weights) leave them 0600."""
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)

@@ -8,6 +8,7 @@ same code a user's ``meta-llama/...`` does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +40,77 @@ class ModelSpec:
     quantization: dict[str, Any] | None = None
 
 
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded: the message names the path or hub id, what was looked for,
+    and the fix (a local folder, ``HF_HUB_OFFLINE=1`` with a cached model, a token)."""
+
+
+FIXES = ("give a local folder saved with save_pretrained, a cached hub id with HF_HUB_OFFLINE=1, or, for a "
+         "gated or private model, a token (huggingface-cli login or HF_TOKEN)")
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id (``org/name`` or ``name``): starts with . / ~, or has more than one slash."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or Path(name).exists()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_source(spec: ModelSpec, what: str = "model") -> None:
+    """Fail fast (``ModelLoadError``, one line) when ``spec.name_or_path`` is a missing local folder, a folder
+    without a saved model, or a hub id that is neither cached nor reachable (instead of a 200-line traceback
+    or a minute of retries)."""
+    name = spec.name_or_path
+    if name.startswith("builtin:"):
+        return  # built offline (tiny.py); an unknown built-in name raises there
+    field_name = f"{what} {name!r}"
+    if _looks_local(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"{field_name}: no such folder ({path.resolve()}); looked for a local model folder "
+                                 f"(config.json, weights, tokenizer files); {FIXES}")
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise ModelLoadError(f"{field_name}: {path.resolve()} has no config.json (not a save_pretrained "
+                                 f"folder); {FIXES}")
+        return
+    import os
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json", revision=spec.revision)
+    except Exception as err:  # an invalid repo id
+        raise ModelLoadError(f"{field_name}: not a local folder and not a valid hub id ({err}); {FIXES}") from None
+    if isinstance(cached, str) or constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE") in ("1", "true"):
+        return  # cached, or offline: from_pretrained reads the cache and says what is missing
+    if not _hub_reachable():
+        raise ModelLoadError(f"{field_name}: not a local folder, not in the hub cache, and {constants.ENDPOINT} "
+                             f"cannot be reached; {FIXES}")
+
+
+def _from_pretrained(load, spec: ModelSpec, what: str, *args, **kwargs):
+    """``load(*args, **kwargs)`` (a ``from_pretrained``) with loading failures turned into one-line
+    ``ModelLoadError``s."""
+    check_source(spec, what)
+    try:
+        return load(*args, **kwargs)
+    except OSError as err:  # missing files, gated/private repos, network errors
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{what} {spec.name_or_path!r}: cannot load it ({first}); {FIXES}") from None
+
+
 def resolve_path(spec: ModelSpec) -> str:
     """A path ``from_pretrained`` can read: builtin models are materialized on disk first."""
     if spec.name_or_path.startswith("builtin:"):
@@ -52,9 +124,8 @@ def load_tokenizer(spec: ModelSpec):
     """The model's tokenizer with a pad token (falls back to EOS, then UNK, as TRL does)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        resolve_path(spec), revision=spec.revision, trust_remote_code=spec.trust_remote_code
-    )
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, spec, "model", resolve_path(spec),
+                           revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if tok.eos_token is None:
@@ -79,7 +150,7 @@ def load_causal_lm(spec: ModelSpec, *, device_map: Any = None):
             device_map = {"": _default_device()}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(resolve_path(spec), **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, spec, "model", resolve_path(spec), **kwargs)
     disable_dropout(model)
     model.config.use_cache = False
     return model

@@ -6,10 +6,14 @@
 
 Only the adapter weights train. The reference is then the policy with its adapters disabled
 (``reference.mode=auto`` resolves to ``adapter``): no second copy of the base weights is loaded.
+
+``is_peft_model`` is the one test of "is this model wrapped in PEFT adapters"; ``adapters_disabled`` and
+``adapter_active`` run such a model as its base model or with another of its adapters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -28,6 +32,42 @@ _LORA_KEYS = {
     "exclude_modules": "exclude_modules",
 }
 _OWN_KEYS = {"method", "adapter_path"}
+
+
+def is_peft_model(model: torch.nn.Module | None) -> bool:
+    """True for a model wrapped in PEFT adapters (``peft.PeftModel``): its adapters can be disabled, merged
+    and saved alone."""
+    return model is not None and hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def peft_base(model: torch.nn.Module) -> torch.nn.Module:
+    """The wrapped base model of a PEFT model (where the LoRA layers live); any other model itself."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run a PEFT model as its base model inside the block."""
+    with model.disable_adapter():
+        yield
+
+
+@contextlib.contextmanager
+def adapter_active(model: torch.nn.Module, name: str):
+    """Run a PEFT model with adapter ``name`` instead of its active one inside the block, without touching which
+    parameters train (peft's ``set_adapter`` would flip ``requires_grad``)."""
+    layers = [m for m in model.modules() if hasattr(m, "_active_adapter") and hasattr(m, "active_adapters")]
+    saved = [m.__dict__.get("_active_adapter") for m in layers]
+    try:
+        for m in layers:
+            m._active_adapter = [name]
+        yield
+    finally:
+        for m, old in zip(layers, saved):
+            if old is None:
+                del m._active_adapter
+            else:
+                m._active_adapter = old
 
 
 def lora_config(settings: dict[str, Any]):

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from dpo_lightning.data.layouts import PACKED_UNSHARED, PLAIN, TREE_LAYOUTS
+from dpo_lightning.models.peft import peft_base
 
 # layouts whose real tokens are those of the plain rows: the MoE router loss averages over every real token, so
 # with it a shared prompt (counted once in prefix_shared / packed) would change its value
@@ -98,10 +99,7 @@ _DICT_MASKS = re.compile(r"isinstance\(\s*(?:causal_mask_mapping\s*:=\s*)?attent
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers ``PreTrainedModel`` under PEFT and ``torch.compile`` wrappers."""
-    base = getattr(model, "_orig_mod", model)
-    if hasattr(base, "get_base_model"):  # peft.PeftModel: LoRA layers live inside the base model
-        base = base.get_base_model()
-    return base
+    return peft_base(getattr(model, "_orig_mod", model))  # PEFT: LoRA layers live inside the base model
 
 
 def text_config(base: torch.nn.Module):

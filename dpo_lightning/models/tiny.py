@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
+
+from dpo_lightning.files import disk_cache
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 CHAT_TEMPLATE = (
@@ -28,17 +28,18 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 
 def cache_root() -> Path:
     """Where built-in models are kept (``$DPO_LIGHTNING_CACHE`` or ``~/.cache/dpo_lightning``)."""
-    return Path(os.environ.get("DPO_LIGHTNING_CACHE", Path.home() / ".cache" / "dpo_lightning"))
+    return disk_cache.cache_root()
 
 
 def default_vocab() -> list[str]:
-    """Special tokens, then every word of the embedded dataset, then letters, digits and punctuation."""
+    """Special tokens, then every word of the embedded dataset, a few greetings, letters, digits and punctuation."""
     words: set[str] = set()
     text = resources.files("dpo_lightning.assets").joinpath("default_prefs.jsonl").read_text()
     for line in text.splitlines():
         for value in json.loads(line).values():
             words.update(str(value).split())
     words.update("user assistant system human : ? ! . , ' - ( ) 0 1 2 3 4 5 6 7 8 9".split())
+    words.update("hello hi hey good what can may".split())  # greetings for examples and tests (``hi . -> hello !``)
     words.update("abcdefghijklmnopqrstuvwxyz")
     return SPECIALS + sorted(words - set(SPECIALS))
 
@@ -77,16 +78,13 @@ def materialize(name: str = "tiny-llama", seed: int = 0, **overrides) -> Path:
     target = cache_root() / "builtin" / f"{name}-{key.hexdigest()[:12]}"
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    tmp = disk_cache.staging_folder(target)
     try:
         tok = build_tokenizer()
         build_model(len(tok), seed=seed, **overrides).save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        # another process that won the race wrote an identical copy: keep theirs
+        disk_cache.publish_folder(tmp, target, complete=lambda entry: (entry / "config.json").exists())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

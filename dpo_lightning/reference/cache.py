@@ -1,7 +1,7 @@
 """Precomputed reference log-probs: one pass before training, cached on disk, reused by later runs and sweeps.
 
-    reference.precompute=true   ->  PreferenceLitModule(reference_mode="cached") calls ``precompute_reference``
-                                    from its ``setup`` hook, before any dataloader exists
+    reference.precompute=true   ->  the module's ``Reference`` (mode ``cached``) calls ``precompute_reference``
+                                    from the module's ``setup`` hook, before any dataloader exists
 
 Per row it stores what any loss of the registry can need, so one cache serves every loss and ``ld_alpha``:
 
@@ -24,7 +24,7 @@ code (no pickle), so a cache folder shared between users is safe. The computing 
 file instead of computing too.
 
 KTO's KL rows pair prompt i with completion i-1 *of the same batch*: their reference values depend on how the
-data is batched, so they cannot be precomputed; that combination is refused.
+data is batched, so they cannot be precomputed; that combination is refused (``spec.check_precompute``).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,15 +39,14 @@ from typing import Any
 import torch
 
 from dpo_lightning.engine.logprobs import sequence_logps
+from dpo_lightning.files import disk_cache
+from dpo_lightning.models.peft import adapters_disabled, is_peft_model
+from dpo_lightning.reference.spec import Mode, PrecomputeError, build_reference, check_precompute
 
 CACHE_VERSION = "2"  # 2: safetensors files
 HASH_TENSOR_LIMIT = 4 * 2**30  # above this many bytes of weights, hash the weight files instead
 PAIRED_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_shared_logps", "ref_rejected_shared_logps")
 UNPAIRED_KEYS = ("ref_logps",)
-
-
-class PrecomputeError(ValueError):
-    """Reference log-probs cannot be precomputed for this setup."""
 
 
 # ------------------------------------------------------------------ fingerprints
@@ -114,14 +111,11 @@ def rows_fingerprint(rows: list[dict[str, Any]]) -> str:
 
 
 def cache_key(*, weights: str, tokenizer: str, truncation: dict[str, Any], rows: str) -> str:
-    return hashlib.sha256(json.dumps([CACHE_VERSION, weights, tokenizer, truncation, rows],
-                                     sort_keys=True).encode()).hexdigest()[:24]
+    return disk_cache.cache_key(weights, tokenizer, truncation, rows, version=CACHE_VERSION, length=24)
 
 
 def cache_root(cache_dir: str | Path | None) -> Path:
-    base = Path(cache_dir) if cache_dir else Path(os.environ.get(
-        "DPO_LIGHTNING_CACHE", Path.home() / ".cache" / "dpo_lightning"))
-    return base / "reference"
+    return disk_cache.cache_root(cache_dir, "reference")
 
 
 # ------------------------------------------------------------------ computation
@@ -131,9 +125,7 @@ def compute_reference_logps(model: torch.nn.Module, rows: list[dict[str, Any]], 
                             device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Reference sums for every row (see the module docstring), one no-grad pass in length order."""
     paired = "chosen_ids" in rows[0]
-    if not paired and getattr(collator, "kl_pairs", False):
-        raise PrecomputeError("reference.precompute cannot serve KTO's KL rows (prompt i with completion i-1 "
-                              "of the same batch depend on the batching); set reference.precompute=false")
+    check_precompute(not paired and bool(getattr(collator, "kl_pairs", False)))
     keys = PAIRED_KEYS if paired else UNPAIRED_KEYS
     out = {k: torch.zeros(len(rows), dtype=torch.float64) for k in keys}
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -173,16 +165,9 @@ def save_atomic(path: Path, values: dict[str, torch.Tensor], meta: dict[str, Any
     """Write ``values`` as a safetensors file (tensors + a JSON metadata string; no pickle), atomically."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in values.items()}, tmp,
-                  metadata={"meta": json.dumps(meta, sort_keys=True, default=str)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    disk_cache.publish_file(path, lambda tmp: save_file(
+        {k: v.detach().cpu().contiguous() for k, v in values.items()}, tmp,
+        metadata={"meta": json.dumps(meta, sort_keys=True, default=str)}), suffix=".safetensors")
 
 
 def load(path: Path, n_rows: int) -> dict[str, torch.Tensor] | None:
@@ -257,69 +242,58 @@ def _compute(model, rows, collator, batch_size, chunk_size, device) -> tuple[dic
 def compute_lock(path: Path, poll: float = 0.5):
     """An exclusive lock on ``<path>.lock`` (``filelock``: fcntl/msvcrt, released if the holder dies); says
     so when it has to wait for another process computing the same reference values."""
-    from filelock import FileLock, Timeout
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(f"{path}.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"[dpo_lightning] another process is computing these reference log-probs ({path.name}); waiting "
-              "for it (lock file beside it)", flush=True)
-        lock.acquire(poll_interval=poll)
-    try:
+    with disk_cache.file_lock(path, poll=poll, waiting=f"[dpo_lightning] another process is computing these "
+                              f"reference log-probs ({path.name}); waiting for it (lock file beside it)"):
         yield
-    finally:
-        lock.release()
 
 
-# ------------------------------------------------------------------ the module's hook
-def precompute_reference(module, datamodule) -> list[dict[str, Any]]:
-    """Fill ``ref_*`` into the datamodule's train and validation rows for a ``cached`` reference.
+# ------------------------------------------------------------------ the Reference's hook
+def precompute_reference(reference, datamodule, *, trainer=None, chunk_size: int = 1024,
+                         policy_trained: bool = False) -> list[dict[str, Any]]:
+    """Fill ``ref_*`` into the datamodule's train and validation rows for ``reference``, a ``Reference`` in
+    ``cached`` mode.
 
     The reference is the policy's initial weights (the policy itself, before any step: no copy), the
     policy with LoRA adapters disabled, or a separately loaded model (``reference.name_or_path``, a lower
-    ``reference.dtype``, quantization) that is freed right after. Returns one info dict per row set.
+    ``reference.dtype``, quantization) that is freed right after. ``trainer`` places the computation and
+    synchronizes ranks; ``policy_trained`` says the policy has already moved (then only a separately loaded
+    reference can serve). Returns one info dict per row set.
     """
     from dpo_lightning.data.datamodule import tokenizer_fingerprint
-    from dpo_lightning.reference.spec import adapters_disabled, build_reference
 
     if datamodule is None or not hasattr(datamodule, "train_rows"):
         raise PrecomputeError("reference.precompute needs a PreferenceDataModule (trainer.fit(module, "
                               "datamodule=...)) to read the rows from")
     if datamodule.train_rows is None:
         datamodule.setup("fit")
-    if getattr(datamodule, "kl_pairs", False):
-        raise PrecomputeError("reference.precompute cannot serve KTO's KL rows (prompt i with completion i-1 "
-                              "of the same batch depend on the batching); set reference.precompute=false")
+    check_precompute(bool(getattr(datamodule, "kl_pairs", False)))
     row_sets = [rows for rows in (datamodule.train_rows, datamodule.val_rows) if rows]
     keys = PAIRED_KEYS if "chosen_ids" in row_sets[0][0] else UNPAIRED_KEYS
     todo = [rows for rows in row_sets if any(k not in rows[0] for k in keys)]
     if not todo:
         return []
-    spec = module.reference_spec
-    separate = bool(spec.name_or_path or spec.dtype or spec.quantization)
-    if not separate and getattr(module, "_policy_trained", False):
+    spec, policy, policy_spec = reference.spec, reference.policy, reference.policy_spec
+    separate = spec.separate
+    if not separate and policy_trained:
         raise PrecomputeError("the reference is the policy's initial weights, but the policy has been trained "
                               "since; precompute before training (rows without cached reference values)")
-    trainer = getattr(module, "_trainer", None)
-    device = trainer.strategy.root_device if trainer is not None else next(module.policy.parameters()).device
+    device = trainer.strategy.root_device if trainer is not None else next(policy.parameters()).device
     is_writer = trainer is None or trainer.is_global_zero
     barrier = (lambda: trainer.strategy.barrier("reference_cache")) if (
         trainer is not None and trainer.world_size > 1) else None
     ctx: Any = contextlib.nullcontext()
     if separate:
-        mode = "model" if spec.name_or_path else "copy"
-        model = build_reference(mode, spec, module.model_spec, module.policy)
-        source = spec.name_or_path or module.model_spec.name_or_path
+        mode = Mode.MODEL if spec.name_or_path else Mode.COPY
+        model = build_reference(mode, spec, policy_spec, policy)
+        source = spec.name_or_path or policy_spec.name_or_path
     else:
-        model, source = module.policy, module.model_spec.name_or_path
-        if hasattr(model, "disable_adapter"):
+        model, source = policy, policy_spec.name_or_path
+        if is_peft_model(model):
             ctx = adapters_disabled(model)
     from dpo_lightning.models.hf import resolve_path
 
     try:
-        source = resolve_path(type(module.model_spec)(**{**module.model_spec.__dict__, "name_or_path": source}))
+        source = resolve_path(type(policy_spec)(**{**policy_spec.__dict__, "name_or_path": source}))
     except Exception:  # noqa: BLE001 - only a hint for the file-based fingerprint of huge models
         source = None
     home = next(model.parameters()).device
@@ -339,8 +313,7 @@ def precompute_reference(module, datamodule) -> list[dict[str, Any]]:
                     rows, model, collator, weights=weights, tokenizer=tokenizer_fingerprint(datamodule.tokenizer),
                     truncation=dict(datamodule.truncation.__dict__), cache_dir=datamodule.cache_dir,
                     batch_size=max(datamodule.eval_batch_size, datamodule.batch_size),
-                    chunk_size=getattr(module, "chunk_size", 1024), device=device, is_writer=is_writer,
-                    barrier=barrier)
+                    chunk_size=chunk_size, device=device, is_writer=is_writer, barrier=barrier)
                 attach(rows, values)
                 infos.append(info)
     finally:

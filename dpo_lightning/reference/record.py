@@ -5,7 +5,12 @@ not at all); ``dpo-eval`` of that export reads it and scores the policy against 
 of against a copy of the evaluated policy (which makes every reward 0).
 
     {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct", "dtype": "bfloat16", "revision": null,
-     "mode": "copy", "loss": "sigmoid"}
+     "training_reference": "frozen_initial_weights", "loss": "sigmoid"}
+
+``training_reference`` says how training computed the reference's log-probs (``TRAINING_REFERENCE``: a frozen
+copy of the initial weights, the base with adapters disabled, precomputed log-probs, none); it is not
+``reference.mode=copy`` of ``dpo-eval`` (scoring a policy against its own weights). Records written before
+the field was named (``"mode": "copy"`` ...) are read with it filled in.
 """
 
 from __future__ import annotations
@@ -15,18 +20,23 @@ from pathlib import Path
 from typing import Any
 
 REFERENCE_FILE = "reference.json"
+# reference mode during training -> the record's ``training_reference``
+TRAINING_REFERENCE = {"copy": "frozen_initial_weights", "model": "separate_model",
+                      "adapter": "base_with_adapters_disabled", "cached": "precomputed_log_probs", "none": "none"}
 
 
-def reference_record(module) -> dict[str, Any]:
-    """The reference of ``module`` (a ``PreferenceLitModule``) as a JSON-able dict: a separately named model,
-    else the policy's initial weights (copy, adapter-disabled base, cached or reference-free training alike)."""
-    spec, model = module.reference_spec, module.model_spec
+def reference_record(reference) -> dict[str, Any]:
+    """A ``Reference`` (``reference.py``) as a JSON-able dict: a separately named model, else the policy's
+    initial weights (copy, adapter-disabled base, cached or reference-free training alike)."""
+    spec, model = reference.spec, reference.policy_spec
     name = spec.name_or_path or model.name_or_path
     if not name.startswith("builtin:") and Path(name).exists():
         name = str(Path(name).resolve())  # a relative local path would depend on the working directory
-    record: dict[str, Any] = {"name_or_path": name, "dtype": spec.dtype or model.dtype,
+    record: dict[str, Any] = {"name_or_path": name, "dtype": reference.dtype,
                               "revision": None if spec.name_or_path else model.revision,
-                              "mode": module.reference_mode, "loss": module.loss_fn.name}
+                              "training_reference": TRAINING_REFERENCE.get(reference.mode.value,
+                                                                           reference.mode.value),
+                              "loss": reference.loss_name}
     if name.startswith("builtin:"):
         record["tiny"] = dict(model.tiny or {})
     return record
@@ -39,4 +49,8 @@ def read_reference_record(model_path: str | Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and record.get("name_or_path") else None
+    if not (isinstance(record, dict) and record.get("name_or_path")):
+        return None
+    if "mode" in record and "training_reference" not in record:  # a record written before the field was named
+        record["training_reference"] = TRAINING_REFERENCE.get(record.pop("mode"), "unknown")
+    return record

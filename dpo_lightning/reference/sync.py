@@ -17,7 +17,8 @@ twin are identical units); parameters that share one unit at different offsets (
 holding both adapters) are gathered one unit at a time (``summon_full_params(unit, recurse=False)``), mixed and
 written back: never the whole model. FSDP2 shards every parameter alike, so its local shards are mixed as they are.
 
-Once the reference moves it is saved in checkpoints (``module.py``) and restored on resume.
+Once the reference moves it is saved in checkpoints (``Reference.on_save_checkpoint``) and restored on resume.
+The functions here take the ``Reference`` (``reference.py``), which holds the policy, the mode and the version.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 
 import lightning as L
 import torch
+
+from dpo_lightning.reference.spec import Mode
 
 REFERENCE_ADAPTER = "reference"
 
@@ -47,15 +50,15 @@ def sync_settings(sync: dict[str, Any] | None) -> tuple[float, int] | None:
     return alpha, every
 
 
-def prepare_reference_sync(module) -> None:
-    """Check that ``module``'s reference can move, and give a LoRA policy its ``reference`` adapter."""
-    mode = module.reference_mode
-    if mode in ("none", "cached"):
-        why = "the loss uses no reference" if mode == "none" else "reference.precompute=true freezes its log-probs"
+def prepare_reference_sync(reference) -> None:
+    """Check that ``reference`` (a ``Reference``) can move, and give a LoRA policy its ``reference`` adapter."""
+    if not reference.needs_model:
+        cached = reference.is_precomputed
+        why = "reference.precompute=true freezes its log-probs" if cached else "the loss uses no reference"
         raise ValueError(f"reference.sync (TR-DPO) moves the reference, but {why}; set reference.sync.every_n_steps=0"
-                         + (" or reference.precompute=false" if mode == "cached" else ""))
-    if mode == "adapter":
-        policy = module.policy
+                         + (" or reference.precompute=false" if cached else ""))
+    if reference.mode is Mode.ADAPTER:
+        policy = reference.policy
         config = policy.peft_config["default"]
         if getattr(config, "bias", "none") != "none":
             raise ValueError("reference.sync with LoRA mixes the adapters; peft.bias trains base-model biases the two "
@@ -65,8 +68,8 @@ def prepare_reference_sync(module) -> None:
             for ref, pol in _adapter_pairs(policy):
                 ref.copy_(pol)
                 ref.requires_grad_(False)
-        module.reference_adapter = REFERENCE_ADAPTER
-    pairs = parameter_pairs(module)
+        reference.adapter = REFERENCE_ADAPTER
+    pairs = parameter_pairs(reference)
     if not pairs:
         raise ValueError("reference.sync: found no parameters to mix between the policy and the reference")
 
@@ -96,13 +99,14 @@ def _clean(name: str) -> str:
     return name
 
 
-def parameter_pairs(module, check_shapes: bool = True) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, policy parameter, reference parameter) for every parameter the sync mixes (``check_shapes``
-    False: sharded parameters, whose local shapes may differ; ``_sync_fsdp`` checks them)."""
-    if getattr(module, "reference_adapter", None):
-        return [(f"adapter:{i}", p, r) for i, (r, p) in enumerate(_adapter_pairs(module.policy))]
-    ref = {_clean(n): p for n, p in module.reference.named_parameters()}
-    pol = {_clean(n): p for n, p in module.policy.named_parameters()}
+def parameter_pairs(reference, check_shapes: bool = True) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, policy parameter, reference parameter) for every parameter the sync of ``reference`` (a
+    ``Reference``) mixes (``check_shapes`` False: sharded parameters, whose local shapes may differ;
+    ``_sync_fsdp`` checks them)."""
+    if reference.adapter:
+        return [(f"adapter:{i}", p, r) for i, (r, p) in enumerate(_adapter_pairs(reference.policy))]
+    ref = {_clean(n): p for n, p in reference.named_parameters()}  # the frozen model's names (reference.py)
+    pol = {_clean(n): p for n, p in reference.policy.named_parameters()}
     if set(ref) != set(pol):
         extra = sorted(set(ref) ^ set(pol))[:3]
         raise ValueError(f"reference.sync: the reference and the policy have different parameters (e.g. {extra}); "
@@ -128,16 +132,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sync_reference(module, alpha: float, fsdp_root: torch.nn.Module | None = None) -> int:
+def sync_reference(reference, alpha: float, fsdp_root: torch.nn.Module | None = None) -> int:
     """Mix the policy into the reference (see the module docstring); returns the number of tensors mixed.
     ``fsdp_root``: the FSDP(1) root wrapper when the module is sharded by FSDP (collective: call on every rank)."""
-    pairs = parameter_pairs(module, check_shapes=fsdp_root is None)
+    pairs = parameter_pairs(reference, check_shapes=fsdp_root is None)
     if fsdp_root is None:
         for _, p, r in pairs:
             _mix_(_local(r.data), _local(p.data), alpha)
     else:
         _sync_fsdp(fsdp_root, pairs, alpha)
-    module.reference_version = getattr(module, "reference_version", 0) + 1
+    reference.version += 1
     return len(pairs)
 
 
@@ -170,8 +174,8 @@ def _sync_fsdp(root: torch.nn.Module, pairs, alpha: float) -> None:
 
 
 class ReferenceSync(L.Callback):
-    """Calls ``sync_reference`` after every ``every_n_steps``-th optimizer step (the module adds it itself through
-    ``configure_callbacks`` when ``reference.sync`` is set)."""
+    """Calls ``sync_reference`` on ``pl_module.reference`` after every ``every_n_steps``-th optimizer step (the
+    module adds it itself through ``configure_callbacks`` when ``reference.sync`` is set)."""
 
     def __init__(self, alpha: float = 0.6, every_n_steps: int = 512):
         self.alpha, self.every_n_steps = float(alpha), int(every_n_steps)
@@ -186,5 +190,5 @@ class ReferenceSync(L.Callback):
             from lightning.pytorch.strategies import FSDPStrategy
 
             root = trainer.strategy.model if isinstance(trainer.strategy, FSDPStrategy) else None
-            sync_reference(pl_module, self.alpha, fsdp_root=root)
+            sync_reference(pl_module.reference, self.alpha, fsdp_root=root)
             self._last = step

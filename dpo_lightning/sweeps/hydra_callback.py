@@ -52,16 +52,18 @@ def sweep_job_info(cfg: DictConfig) -> JobInfo | None:
 
 
 def register_plugins() -> None:
-    """Register our Hydra plugins (the Optuna sweeper) explicitly. Hydra finds plugins by walking the
+    """Register our Hydra plugins (the grid and Optuna sweepers) explicitly. Hydra finds plugins by walking the
     ``hydra_plugins`` namespace with pkgutil, which cannot see into a setuptools editable install
     (``pip install -e``); a regular install is found either way. Importing the module does not import optuna."""
     from hydra.core.plugins import Plugins
 
+    from hydra_plugins.dpo_lightning_optuna.grid_sweeper import DpoGridSweeper
     from hydra_plugins.dpo_lightning_optuna.optuna_sweeper import DpoOptunaSweeper
 
     plugins = Plugins.instance()
-    if f"{DpoOptunaSweeper.__module__}.{DpoOptunaSweeper.__name__}" not in plugins.class_name_to_class:
-        plugins.register(DpoOptunaSweeper)
+    for cls in (DpoGridSweeper, DpoOptunaSweeper):
+        if f"{cls.__module__}.{cls.__name__}" not in plugins.class_name_to_class:
+            plugins.register(cls)
 
 
 def sweep_failures() -> int:

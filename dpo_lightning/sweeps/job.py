@@ -21,11 +21,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dpo_lightning.files.atomic import atomic_write_json
+from dpo_lightning.training.heldout import OBJECTIVE as HELDOUT_OBJECTIVE
 
 log = logging.getLogger("dpo_lightning")
 SUMMARY_FILE = "job_summary.json"
-FINAL_METRICS = ("val/rewards/accuracies", "val/rewards/margins", "val/loss", "val/logps/chosen")
-GEN_METRICS = ("gen/kl", "gen/win_rate", "gen/reward")  # logged by the generation-evaluation callback
+FINAL_METRICS = ("val/pref_loglik", "val/rewards/accuracies", "val/rewards/margins", "val/loss", "val/logps/chosen")
+GEN_METRICS = ("gen/kl", "gen/kl_stderr", "gen/win_rate", "gen/win_rate_stderr", "gen/reward")  # generation callback
+OBJECTIVES = ("auto", HELDOUT_OBJECTIVE, "gen/win_rate", "val/rewards/accuracies")  # sweep.objective
 STATE = {"failed": 0}  # failed jobs of this process's sweep (main() turns a non-zero count into exit code 1)
 
 
@@ -50,6 +52,32 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
+ALIASES = {"loss": "", "loss.beta": "β", "optimizer.lr": "lr"}  # short names of swept keys
+
+
+def short_value(v) -> str:
+    """``0.02051080282348`` -> ``0.0205``; ``1e-3`` -> ``0.001``; text unchanged."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if f != f or isinstance(v, bool):
+        return str(v)
+    return f"{f:.3g}"
+
+
+def short_label(overrides: dict[str, str], keys: list[str] | None = None) -> str:
+    """A job's short name from its swept overrides: ``ipo β=0.1 lr=1e-06`` (W&B run names, legends)."""
+    parts = []
+    for k in keys if keys is not None else list(overrides):
+        if k not in overrides:
+            continue
+        alias = ALIASES.get(k, k.rsplit(".", 1)[-1])
+        value = short_value(overrides[k])
+        parts.append(value if not alias else f"{alias}={value}")
+    return " ".join(parts)
+
+
 def summary_path(folder: str | Path) -> Path:
     return Path(folder) / SUMMARY_FILE
 
@@ -72,6 +100,7 @@ def precompute_is_exact(cfg: DictConfig) -> tuple[bool, str]:
     """
     from hydra.utils import instantiate
 
+    from dpo_lightning.reference.spec import AUTO, Mode
     from dpo_lightning.training.strategies import strategy_kind
 
     loss = instantiate(cfg.loss, _convert_="all")
@@ -79,7 +108,7 @@ def precompute_is_exact(cfg: DictConfig) -> tuple[bool, str]:
         return False, f"loss {loss.name} needs no reference"
     if loss.needs_kl_pairs:
         return False, f"loss {loss.name}'s KL rows depend on the batching"
-    if str(OmegaConf.select(cfg, "reference.mode", default="auto")) == "none":
+    if str(OmegaConf.select(cfg, "reference.mode", default=AUTO)) == Mode.NONE:
         return False, "reference.mode=none"
     if str(OmegaConf.select(cfg, "trainer.precision", default="32-true")) not in ("32-true", "32"):
         return False, "trainer.precision is not 32-true"
@@ -98,7 +127,8 @@ def apply_sweep_defaults(cfg: DictConfig, job: JobInfo) -> None:
         wandb = (cfg.get("logger") or {}).get("wandb")
         if wandb:
             wandb.group = wandb.get("group") or cfg.get("sweep_id") or job.sweep
-            wandb.name = wandb.get("name") or job.name or f"job{job.num}"
+            # short: "3: ipo β=0.1 lr=1e-06" (the swept values), not the full override string
+            wandb.name = wandb.get("name") or f"{job.num}: {short_label(job.overrides, job.swept) or 'job'}"
             loss_name = OmegaConf.select(cfg, "loss.name", default=None)
             tags = list(wandb.get("tags") or [])
             wandb.tags = tags + [loss_name] if loss_name and loss_name not in tags else tags
@@ -132,12 +162,39 @@ def finish_globals(failed: bool) -> None:
         pass
 
 
+def resolve_objective(cfg: DictConfig) -> str:
+    """The metric sweeps and searches rank by (``sweep.objective``; ``training/heldout.py`` says why not
+    held-out reward accuracy): ``auto`` is the judge's win rate where generation evaluation has a judge, else
+    the held-out preference log-likelihood at a fixed beta."""
+    name = str(OmegaConf.select(cfg, "sweep.objective", default="auto") or "auto")
+    if name == "auto":
+        judged = (OmegaConf.select(cfg, "generation.judge", default=None)
+                  and int(OmegaConf.select(cfg, "generation.num_prompts", default=0) or 0) > 0
+                  and OmegaConf.select(cfg, "callbacks.generation", default=None))
+        return "gen/win_rate" if judged else HELDOUT_OBJECTIVE
+    if name not in OBJECTIVES:
+        raise ValueError(f"sweep.objective={name!r}: use one of {', '.join(OBJECTIVES)}")
+    return name
+
+
+def objective_of(name: str, metrics: dict[str, Any], heldout: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """{"name", "value", "stderr"} of objective ``name`` from a run's final metrics and per-row statistics."""
+    if name in heldout:
+        return {"name": name, "value": heldout[name]["mean"], "stderr": heldout[name]["stderr"],
+                "n": heldout[name]["n"]}
+    return {"name": name, "value": metrics.get(name), "stderr": metrics.get(f"{name}_stderr")}
+
+
 def write_final_summary(cfg: DictConfig, summary: dict[str, Any], job: JobInfo | None) -> Path:
-    """The ``ok`` summary of a finished run: final held-out (and generation) metrics, steps, time, W&B id."""
+    """The ``ok`` summary of a finished run: final held-out (and generation) metrics with standard errors and
+    per-row values, the objective, steps, time, W&B id. Sets ``summary["objective"]``."""
     metrics = summary.get("final_metrics") or {}
+    heldout = summary.get("heldout") or {}
+    summary["objective"] = objective_of(resolve_objective(cfg), metrics, heldout)
     return write_summary(
         cfg.paths.output_dir, job, "ok",
         metrics={k: metrics[k] for k in (*FINAL_METRICS, *GEN_METRICS) if k in metrics},
+        heldout=heldout, heldout_rows=summary.get("heldout_rows") or {}, objective=summary["objective"],
         all_metrics=metrics, steps=summary.get("steps"), wall_seconds=summary.get("wall_seconds"),
         reference_passes=summary.get("reference_passes", 0), wandb_run_id=summary.get("wandb_run_id"),
         loss_name=OmegaConf.select(cfg, "loss.name", default=None),

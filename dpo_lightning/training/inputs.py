@@ -38,7 +38,7 @@ def batch_reference(batch: dict[str, Any], key: str, lengths: torch.Tensor, ld_a
     if ld_alpha is not None:
         shared_key = key.replace("_logps", "_shared_logps")
         if shared_key not in batch:
-            raise KeyError(f"ld_alpha needs {shared_key!r} next to {key!r} in the batch (reference_cache.py "
+            raise KeyError(f"ld_alpha needs {shared_key!r} next to {key!r} in the batch (reference/cache.py "
                            "stores both)")
         shared = batch[shared_key].float()
         ref = shared + float(ld_alpha) * (ref - shared)

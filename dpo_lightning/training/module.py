@@ -28,8 +28,10 @@ from dpo_lightning.losses.registry import Loss, LossOutput, get_loss
 from dpo_lightning.models.hf import ModelSpec, load_causal_lm
 from dpo_lightning.models.peft import apply_peft
 from dpo_lightning.models.quirks import engine_plan
-from dpo_lightning.reference.spec import ReferenceSpec, build_reference, reference_model
-from dpo_lightning.reference.sync import ReferenceSync, prepare_reference_sync, sync_settings
+from dpo_lightning.reference.reference import Reference
+from dpo_lightning.reference.spec import Mode, ReferenceSpec
+from dpo_lightning.reference.sync import ReferenceSync
+from dpo_lightning.training.heldout import OBJECTIVE, HeldOutRecorder
 from dpo_lightning.training.inputs import build_inputs
 from dpo_lightning.training.nonfinite import NonFiniteGuard
 from dpo_lightning.training.optim import OptimizerSpec, SchedulerSpec
@@ -47,6 +49,9 @@ def _as(kind, value):
 
 class PreferenceLitModule(L.LightningModule):
     """Preference optimization of ``model`` against a frozen reference.
+
+    ``self.reference`` is the ``Reference`` (``reference/reference.py``): its mode, model or adapter, TR-DPO
+    state and precompute cache; everything that needs the reference asks it.
 
     Args:
         model: ``ModelSpec``, a dict of its fields, or a hub id / local path.
@@ -86,7 +91,7 @@ class PreferenceLitModule(L.LightningModule):
         elif isinstance(loss, dict):
             loss = get_loss(**loss)
         self.loss_fn: Loss = loss
-        self.reference_spec = _as(ReferenceSpec, reference)
+        reference_spec = _as(ReferenceSpec, reference)
         self.optimizer_spec = _as(OptimizerSpec, optimizer)
         self.scheduler_spec = _as(SchedulerSpec, scheduler)
         self.chunk_size, self.full_logits = chunk_size, full_logits
@@ -94,7 +99,7 @@ class PreferenceLitModule(L.LightningModule):
         self.recompute_pointwise = recompute_pointwise
         self.save_hyperparameters({
             "model": asdict(self.model_spec), "loss": {"name": loss.name, **loss.hparams},
-            "reference": asdict(self.reference_spec), "optimizer": asdict(self.optimizer_spec),
+            "reference": asdict(reference_spec), "optimizer": asdict(self.optimizer_spec),
             "scheduler": asdict(self.scheduler_spec), "chunk_size": chunk_size, "full_logits": full_logits,
             "peft": dict(peft) if peft else None, "gradient_checkpointing": gradient_checkpointing,
             "compile": compile, "softmax_cache_mb": softmax_cache_mb, "verify": verify,
@@ -107,36 +112,19 @@ class PreferenceLitModule(L.LightningModule):
         self.peft_settings = dict(peft) if peft else None
         self.policy = apply_peft(load_causal_lm(self.model_spec), self.peft_settings)
         self.policy_plan = engine_plan(self.policy, router_aux_loss_coef)  # models/quirks.py
-        self.reference_mode = self.reference_spec.resolve_mode(
-            loss.requires_reference, hasattr(self.policy, "disable_adapter"))
-        if self.reference_spec.precompute and loss.requires_reference:
-            if getattr(loss, "needs_kl_pairs", False):
-                raise ValueError(f"reference.precompute=true cannot serve loss {loss.name!r}: its KL rows pair "
-                                 "prompt i with completion i-1 of the same batch; set reference.precompute=false")
-            self.reference_mode = "cached"  # precomputed in setup() (reference_cache.py)
-        self.reference = build_reference(self.reference_mode, self.reference_spec, self.model_spec, self.policy)
-        self.reference_adapter: str | None = None  # TR-DPO with LoRA: the mixed "reference" adapter
-        self.reference_version = 0  # bumped each time the reference moves (TR-DPO)
-        self.reference_sync = sync_settings(self.reference_spec.sync)  # (alpha, every_n_steps) or None
-        if self.reference_sync:
-            prepare_reference_sync(self)
+        # registered as ``reference``: its weights' keys are ``reference.*`` (Reference.PREFIX)
+        self.reference = Reference.build(reference_spec, loss, self.policy, self.model_spec)
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.policy)
         if compile:
-            for m in (self.policy, self.reference):
+            for m in (self.policy, self.reference.module):
                 if m is not None:
                     compile_backbone(m)
         self._policy_trained = False
         self.policy.train()
-        self.strict_loading = False  # reference weights are not checkpointed (see on_save_checkpoint)
+        self.strict_loading = False  # a frozen reference's weights are not checkpointed (Reference.on_save_checkpoint)
         self.loss_state: dict[str, Any] = {}
-
-    def train(self, mode: bool = True):
-        """Lightning toggles train/eval on the whole module; the reference always stays in eval mode."""
-        super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()
-        return self
+        self.heldout = HeldOutRecorder()  # per-row held-out values of the last validation (heldout.py)
 
     # ---------------------------------------------------------------- forward
     def verify_engine(self) -> None:
@@ -146,9 +134,9 @@ class PreferenceLitModule(L.LightningModule):
             return
         self._engine_checked = True
         kw = {"chunk_size": self.chunk_size, "probe": self.engine_verify, "full_logits": self.full_logits}
-        lines = verify(self.policy, label="policy", adapter_states=self.reference_mode == "adapter", aux=True, **kw)
-        if self.reference is not None:
-            lines += verify(self.reference, label="reference", **kw)
+        lines = verify(self.policy, label="policy", adapter_states=self.reference.mode is Mode.ADAPTER, aux=True, **kw)
+        if self.reference.module is not None:
+            lines += verify(self.reference.module, label="reference", **kw)
         line = summary(lines)
         if line:
             _print_once(line)
@@ -158,17 +146,17 @@ class PreferenceLitModule(L.LightningModule):
                               full_logits=self.full_logits, softmax_cache_mb=self.softmax_cache_mb,
                               want_sq=bool(self.loss_fn.hparams.get("use_weighting")), aux_loss=True)
 
-    @torch.no_grad()
     def reference_logps(self, batch: dict[str, Any]) -> SeqLogps | None:
         """Reference log-probs for the batch, or None when they come precomputed or are not needed."""
-        if self.reference_mode in ("none", "cached"):
-            return None
-        with reference_model(self) as model:  # the reference module, or the policy with adapters switched
-            return sequence_logps(model, batch, batch["num_sequences"], chunk_size=self.chunk_size,
-                                  full_logits=self.full_logits)
+        return self.reference.logps(batch, chunk_size=self.chunk_size, full_logits=self.full_logits)
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[LossOutput, dict[str, torch.Tensor]]:
         """Loss output and the logged metrics (TRL names, without split prefix) for one batch."""
+        out, metrics, _ = self._compute(batch)
+        return out, metrics
+
+    def _compute(self, batch: dict[str, Any]):
+        """``compute_loss`` and the policy's and live reference's log-probs (``SeqLogps`` / None)."""
         self.verify_engine()
         reference = self.reference_logps(batch)  # first: its temporaries are freed before the policy's graph
         policy = self.policy_logps(batch)
@@ -190,13 +178,13 @@ class PreferenceLitModule(L.LightningModule):
             if accuracy is not None:
                 metrics["rewards/accuracies"] = accuracy
         metrics.update({k: v.detach() for k, v in out.metrics.items()})
-        return out, metrics
+        return out, metrics, (policy, reference)
 
     # ---------------------------------------------------------------- reference precompute
     def setup(self, stage: str) -> None:
         """Selective recomputation of the policy's layers (unless the strategy checkpoints whole layers), then
         ``reference.precompute``: fill the datamodule's rows with cached reference log-probs (computed
-        once with the initial weights, before any dataloader exists; ``reference_cache.py``)."""
+        once with the initial weights, before any dataloader exists; ``reference/cache.py``)."""
         strategy = getattr(self._trainer, "strategy", None)
         whole_layers = self.gradient_checkpointing or self.compile or getattr(strategy, "_checkpoint_layers", False)
         # DeepSpeed gathers ZeRO-3 partitions in its own module hooks: untested with recomputation, so not used
@@ -204,12 +192,10 @@ class PreferenceLitModule(L.LightningModule):
             from dpo_lightning.engine.recompute import enable_selective_recompute
 
             enable_selective_recompute(self.policy)
-        if self.reference_mode == "cached":
-            from dpo_lightning.reference.cache import precompute_reference
-
+        if self.reference.is_precomputed:
             self.verify_engine()  # the cached values come from the same engine
-            infos = precompute_reference(self, self.trainer.datamodule)
-            self.reference_cache_infos = [*getattr(self, "reference_cache_infos", []), *infos]  # sweep report
+            infos = self.reference.precompute(self.trainer.datamodule, trainer=self._trainer,
+                                              chunk_size=self.chunk_size, policy_trained=self._policy_trained)
             for info in infos:
                 how = "loaded from" if info["hit"] else f"computed in {info['seconds']:.1f}s, saved to"
                 print(f"[dpo_lightning] reference log-probs for {info['rows']} rows {how} {info['path']}")
@@ -235,9 +221,9 @@ class PreferenceLitModule(L.LightningModule):
         self._eval_warning_filter = None
 
     def configure_callbacks(self):
-        """TR-DPO (``reference.sync``): the callback that moves the reference (``reference_sync.py``)."""
-        if self.reference_sync:
-            alpha, every = self.reference_sync
+        """TR-DPO (``reference.sync``): the callback that moves the reference (``reference/sync.py``)."""
+        if self.reference.sync:
+            alpha, every = self.reference.sync
             return [ReferenceSync(alpha=alpha, every_n_steps=every)]
         return []
 
@@ -258,9 +244,41 @@ class PreferenceLitModule(L.LightningModule):
         return out.loss
 
     def validation_step(self, batch, batch_idx):
-        _, metrics = self.compute_loss(batch)
+        out, metrics, (policy, reference) = self._compute(batch)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, on_step=False, on_epoch=True,
                       sync_dist=True, batch_size=self._batch_size(batch))
+        if not self.trainer.sanity_checking:
+            self._record_heldout(batch, out, policy, reference)
+
+    # ---------------------------------------------------------------- per-row held-out values (heldout.py)
+    def _record_heldout(self, batch, out: LossOutput, policy: SeqLogps, reference: SeqLogps | None) -> None:
+        B = self._batch_size(batch)
+        if not self.loss_fn.paired:
+            self.heldout.observe(batch["index"], policy=None, reference=None,
+                                 losses=out.losses if out.losses.numel() == B else None, margins=None)
+            return
+        pol = torch.stack([policy.logps[:B], policy.logps[B:2 * B]], dim=1)  # [B, 2] sums over completion tokens
+        ref = None
+        if reference is not None:
+            ref = torch.stack([reference.logps[:B], reference.logps[B:2 * B]], dim=1)
+        elif "ref_chosen_logps" in batch:  # precomputed sums
+            ref = torch.stack([batch["ref_chosen_logps"], batch["ref_rejected_logps"]], dim=1)
+        self.heldout.observe(batch["index"], policy=pol, reference=ref,
+                             losses=out.losses if out.losses.numel() == B else None,
+                             margins=out.chosen_rewards - out.rejected_rewards)
+
+    def on_validation_epoch_start(self) -> None:
+        self.heldout.start()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        ref = self.reference
+        initial = ref.mode in (Mode.COPY, Mode.ADAPTER, Mode.CACHED) and not ref.spec.separate and not ref.moves
+        self.heldout.finish(untrained=not self._policy_trained, reference_is_initial=initial)
+        stats = self.heldout.summary().get(OBJECTIVE)
+        if stats is not None:  # already gathered from every rank: the same value everywhere
+            self.log(OBJECTIVE, stats["mean"], on_step=False, on_epoch=True, sync_dist=False)
 
     def test_step(self, batch, batch_idx):
         _, metrics = self.compute_loss(batch)
@@ -303,19 +321,20 @@ class PreferenceLitModule(L.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen reference from checkpoints: it is rebuilt from its source on load. A moving (TR-DPO)
-        reference is kept: it cannot be rebuilt."""
-        if not self.reference_sync:
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                        if not k.startswith("reference.")}
-        checkpoint["reference_version"] = self.reference_version
+        """The reference's part (``Reference.on_save_checkpoint``: a frozen one is dropped, a moving one kept),
+        the loss's running state and the non-finite guard's counters."""
+        self.reference.on_save_checkpoint(checkpoint)
         checkpoint["loss_state"] = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.loss_state.items()}
         if self.nonfinite is not None:
             checkpoint["nonfinite"] = self.nonfinite.state_dict()
+        if self.heldout.baseline_source:  # the initial policy's held-out log-probs: a resumed run has no "before"
+            checkpoint["heldout_baseline"] = {"rows": [[i, *v] for i, v in self.heldout.baseline.items()],
+                                              "source": self.heldout.baseline_source}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check a plain checkpoint holds the policy, and restore the loss's running state. DeepSpeed hands
-        over its client state without ``state_dict``: its engine has loaded the weights itself."""
+        """Check a plain checkpoint holds the policy, restore the loss's running state and the reference's part
+        (``Reference.on_load_checkpoint``). DeepSpeed hands over its client state without ``state_dict``: its
+        engine has loaded the weights itself."""
         weights = checkpoint.get("state_dict")
         missing = [] if weights is None else [k for k in self.state_dict() if k.startswith("policy.") and k not in weights]
         if missing:
@@ -323,12 +342,11 @@ class PreferenceLitModule(L.LightningModule):
         self.loss_state.update(checkpoint.get("loss_state", {}))
         if self.nonfinite is not None:
             self.nonfinite.load_state_dict(checkpoint.get("nonfinite", {}))
-        if self.reference_sync and self.reference is not None:
-            missing = [k for k in self.state_dict() if k.startswith("reference.") and k not in checkpoint["state_dict"]]
-            if missing:
-                raise KeyError(f"reference.sync is on but the checkpoint lacks the moved reference (e.g. {missing[:2]}); "
-                               "it was saved without TR-DPO: resume with reference.sync.every_n_steps=0")
-        self.reference_version = int(checkpoint.get("reference_version", 0))
+        if checkpoint.get("heldout_baseline"):
+            base = checkpoint["heldout_baseline"]
+            self.heldout.baseline = {int(i): (float(c), float(r)) for i, c, r in base["rows"]}
+            self.heldout.baseline_source = base["source"]
+        self.reference.on_load_checkpoint(checkpoint)
 
 
 @rank_zero_only

@@ -160,13 +160,16 @@ class FSDPStrategy(AtomicFolderSave, _LFSDP):
         load every other weight, and keep the reference as built from its source."""
         from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 
+        from dpo_lightning.reference.reference import Reference
+
         path = Path(self.broadcast(checkpoint_path))
-        if not _is_sharded_checkpoint(path) or getattr(self.lightning_module, "reference_sync", None):
+        moving = getattr(getattr(self.lightning_module, "reference", None), "moves", False)  # Reference.moves
+        if not _is_sharded_checkpoint(path) or moving:
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         loaded: list[str] = []
 
         def skip_reference(module, state_dict, prefix, local_metadata):
-            for key in [k for k in state_dict if k.startswith(f"{prefix}reference.")]:
+            for key in [k for k in state_dict if k.startswith(prefix + Reference.PREFIX)]:
                 del state_dict[key]
             loaded[:] = list(state_dict)
 
@@ -244,8 +247,8 @@ class ModelParallelStrategy(AtomicFolderSave, _LModelParallel):
             apply_activation_checkpointing(module, check_fn=lambda m: id(m) in trainable)
         for layer in [m for m in module.modules() if isinstance(m, tuple(classes))]:
             fully_shard(layer, mesh=mesh, reshard_after_forward=self._reshard)
-        for name in ("policy", "reference"):
-            model = getattr(module, name, None)
+        reference = getattr(module, "reference", None)
+        for model in (getattr(module, "policy", None), getattr(reference, "module", None)):  # the forwards that run
             if isinstance(model, torch.nn.Module):
                 fully_shard(model, mesh=mesh, reshard_after_forward=self._reshard)
         _use_full_forward(module, "FSDP2")

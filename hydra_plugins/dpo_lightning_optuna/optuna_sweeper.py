@@ -9,7 +9,8 @@ dependencies. This one uses Optuna's ask-and-tell interface and Hydra's own over
 read as with that plugin: ``choice(a, b)``, ``interval(lo, hi)``, ``range(lo, hi, step)``, ``tag(log, ...)``,
 from ``hydra.sweeper.params`` or the command line. Each trial is a job launched by the configured launcher
 (basic, joblib, submitit), ``n_jobs`` at a time; its objective is the job's return value (``dpo-train`` returns
-the held-out reward accuracy); a failed job (no value) is told to Optuna as a failed trial. ``optuna`` is
+the sweep objective, ``sweep.objective``); a failed job (no value), or a trial whose overrides do not compose (``dpo_lightning/sweeps/compose.py``), is told
+to Optuna as a failed trial. ``optuna`` is
 imported only when a sweep starts, so Hydra's plugin scan works without it.
 """
 
@@ -96,6 +97,8 @@ class DpoOptunaSweeper(Sweeper):
         import optuna
         from optuna.trial import TrialState
 
+        from dpo_lightning.sweeps.compose import launch_composable
+
         assert self.config is not None and self.launcher is not None
         space, fixed = self._search_space(arguments)
         sampler = (optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=self.n_startup_trials)
@@ -108,8 +111,11 @@ class DpoOptunaSweeper(Sweeper):
         while done < self.n_trials:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - done))]
             batch = [[*fixed, *(f"{k}={_format(v)}" for k, v in t.params.items())] for t in trials]
-            self.validate_batch_is_legal(batch)
-            for trial, ret in zip(trials, self.launcher.launch(batch, initial_job_idx=done)):
+            # a trial whose overrides do not compose is a failed job in the report and a failed trial here
+            for trial, ret in zip(trials, launch_composable(self, batch, done)):
+                if ret is None:
+                    study.tell(trial, state=TrialState.FAIL)
+                    continue
                 try:
                     value = ret.return_value  # raises the job's exception when it failed
                 except Exception as err:  # noqa: BLE001 - a failed trial, recorded, the search goes on

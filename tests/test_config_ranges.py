@@ -1,4 +1,4 @@
-"""Issue 12, defects 9-10: bad hyperparameters and impossible combinations are refused when the config is
+"""Hyperparameter ranges and impossible combinations: bad values are refused when the config is
 composed (``validate_config``, before any model loads), with the key and its valid range in the message."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Issue 12, defects 1-2: KTO/BCO train with the default callbacks on natively unpaired data, and KTO trains
-under DDP: the two rows of a split pair share a rank and a batch, and no rank gets a one-row KTO batch."""
+"""Unpaired losses (KTO/BCO): they train with the default callbacks on natively unpaired data (the best checkpoint
+follows val/loss there, reward accuracy where the rows come from pairs), and under DDP: the two rows of a split pair share a rank and a batch, and no rank gets a one-row KTO batch."""
 
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ def _val_metrics(out) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_kto_trains_under_ddp_on_two_cpu_processes(tmp_path):
     """`dpo-train loss=kto strategy=ddp trainer.devices=2 trainer.accelerator=cpu` on the embedded default."""
     res = _train(tmp_path, "loss=kto", "strategy=ddp", "trainer.devices=2", "eval_before=false")

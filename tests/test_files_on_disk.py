@@ -1,5 +1,6 @@
-"""Issue 12, defects 3, 5, 11, 12: resume under DeepSpeed, the export's reference record, atomic saves of
-checkpoint folders and exports, and cache/checkpoint files that load without running pickled code."""
+"""Files a run writes and reads back: resume from a DeepSpeed client state, reference caches as safetensors and
+checkpoints that load without running pickled code, an export that survives a failed replacement, and a sharded
+checkpoint whose save is killed half-way leaving the previous one whole."""
 
 from __future__ import annotations
 
@@ -97,50 +98,19 @@ def test_export_renames_the_old_export_aside_until_the_new_one_is_in(tmp_path, m
     AutoModelForCausalLM.from_pretrained(survivor)
 
 
-KILL_DURING_SAVE = '''
-"""Train with sharded (FSDP) checkpoints every 2 steps (best-step<N>.ckpt, then last.ckpt); SIGKILL this process
-inside the second save of last.ckpt (4th save), after its shard files are written and before its metadata is."""
-import os, shutil, signal, sys
-import lightning as L
-from torch.distributed.checkpoint.filesystem import FileSystemWriter
-from dpo_lightning.cli.locate import compose
-from dpo_lightning.train import build
-
-calls = []
-finish = FileSystemWriter.finish
-
-def finish_or_die(self, metadata, results):
-    calls.append(1)
-    if len(calls) == 4:
-        os.kill(os.getpid(), signal.SIGKILL)
-    finish(self, metadata, results)
-    if len(calls) == 2:
-        shutil.copytree(str(self.path), sys.argv[1])  # what the first last.ckpt holds, to compare with later
-
-FileSystemWriter.finish = finish_or_die
-cfg = compose("train", sys.argv[2:])
-L.seed_everything(cfg.seed, workers=True)
-objs = build(cfg)
-objs["trainer"].fit(objs["module"], datamodule=objs["datamodule"])
-'''
-
-
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_process_killed_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path):
-    import subprocess
-    import sys
-
+    from helpers import run_script
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    script, snapshot, out = tmp_path / "kill.py", tmp_path / "snapshot", tmp_path / "run"
-    script.write_text(KILL_DURING_SAVE)
-    res = subprocess.run([sys.executable, str(script), str(snapshot), "strategy=fsdp", "trainer.accelerator=cpu",
-                          "trainer.devices=1", "logger=none", "callbacks=default", "~callbacks.progress_bar",
-                          "~callbacks.throughput", "~callbacks.training_curves", "callbacks.model_checkpoint.save_top_k=-1",
-                          "trainer.max_steps=6", "trainer.val_check_interval=2", "data.batch_size=8",
-                          "optimizer.lr=1e-2", "trainer.gradient_clip_val=null", "print_config=false",
-                          f"paths.output_dir={out}"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    snapshot, out = tmp_path / "snapshot", tmp_path / "run"
+    res = run_script("kill_during_save.py", str(snapshot), "strategy=fsdp", "trainer.accelerator=cpu",
+                     "trainer.devices=1", "logger=none", "callbacks=default", "~callbacks.progress_bar",
+                     "~callbacks.throughput", "~callbacks.training_curves", "callbacks.model_checkpoint.save_top_k=-1",
+                     "trainer.max_steps=6", "trainer.val_check_interval=2", "data.batch_size=8",
+                     "optimizer.lr=1e-2", "trainer.gradient_clip_val=null", "print_config=false",
+                     f"paths.output_dir={out}", timeout=300, cwd=tmp_path)
     assert res.returncode == -9, res.stderr[-3000:]  # killed inside the second save of last.ckpt
     last = out / "checkpoints" / "last.ckpt"
     assert last.is_dir() and (last / "meta.pt").exists()

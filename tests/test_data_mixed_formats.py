@@ -1,24 +1,14 @@
-"""Issue 12, defects 7-8: truncation keeps the start of every completion; a text prompt with message-list
-completions keeps its prompt (or is refused)."""
+"""Rows that mix formats: a text prompt with message-list completions becomes a user turn and keeps its prompt
+ids; a text prompt repeated inside whole conversations is extracted; one the conversations lack is refused."""
 
 from __future__ import annotations
 
 import pytest
 
 from dpo_lightning.data.formats import DataError, normalize
-from dpo_lightning.data.tokenize import TruncationConfig, tokenize_records, truncate
+from dpo_lightning.data.tokenize import TruncationConfig, tokenize_records
 
-PROMPT = [162, 21, 84, 10, 27, 21]  # "user : hi . assistant :" (ids of the tiny tokenizer, see test_tokenize.py)
-LONG = list(range(100, 112))  # a completion longer than the room max_length leaves
-
-
-@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
-def test_a_completion_longer_than_the_room_keeps_its_beginning(mode):
-    prompt, (chosen, rejected) = truncate(PROMPT, [LONG, [7, 8]], TruncationConfig(max_length=8, truncation_mode=mode))
-    assert chosen == LONG[: 8 - len(prompt)]  # the tokens that follow the prompt, never the tail
-    assert rejected == [7, 8] and len(prompt) + len(chosen) <= 8
-    if mode == "keep_end":
-        assert prompt == PROMPT[-len(prompt):]  # keep_end still keeps the prompt's end
+PROMPT = [223, 21, 116, 10, 31, 21]  # "user : hi . assistant :" (ids of the tiny tokenizer, see test_tokenize.py)
 
 
 def test_text_prompt_with_assistant_message_completions_becomes_a_user_turn(tokenizer):

@@ -1,4 +1,4 @@
-"""Issue 12, defects 4-6: dpo-eval evaluates the trained adapter (peft.adapter_path), scores an export
+"""dpo-eval (``evaluate``, in process) evaluates the trained adapter (peft.adapter_path), scores an export
 against the reference it was trained with (reference.json), and reads every row of the file it is given."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_training_starts_from_a_saved_adapter(tiny_path, adapter):
     state = {k: v for k, v in module.policy.state_dict().items() if "lora_B" in k}
     assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
     assert all(p.requires_grad for n, p in module.policy.named_parameters() if "lora_" in n)
-    assert module.reference_mode == "adapter"
+    assert module.reference.mode == "adapter"
 
 
 def test_eval_scores_the_saved_adapter_not_fresh_ones(tmp_path, tiny_path, adapter, data):
@@ -82,7 +82,7 @@ def export(tmp_path_factory, tiny_path):
 
 def test_eval_of_an_export_uses_the_reference_it_records(tmp_path, tiny_path, export, data, capsys):
     record = json.loads((export / "reference.json").read_text())
-    assert record["name_or_path"] == str(Path(tiny_path).resolve()) and record["mode"] == "copy"
+    assert record["name_or_path"] == str(Path(tiny_path).resolve()) and record["training_reference"] == "frozen_initial_weights"
     report = _eval(tmp_path, f"model.name_or_path={export}", f"data.path={data}")
     assert report["reference"] == str(Path(tiny_path).resolve()) and "reference.json" in capsys.readouterr().out
     assert report["metrics"]["val/rewards/chosen"] != 0.0  # against itself every reward would be 0
