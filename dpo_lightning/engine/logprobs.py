@@ -38,7 +38,15 @@ import torch.nn.functional as F
 
 from dpo_lightning.data.layouts import PLAIN, batch_layout, to_plain
 from dpo_lightning.engine.attention import attn_implementation, model_inputs, tree_attention_mask
-from dpo_lightning.models.quirks import AUX_LAYOUTS, EnginePlan, base_model, engine_plan, head_parameters
+from dpo_lightning.models.quirks import (
+    AUX_LAYOUTS,
+    EnginePlan,
+    backbone_of,
+    base_model,
+    engine_plan,
+    head_parameters,
+    output_head,
+)
 
 __all__ = ["SeqLogps", "chunked_logprobs", "sequence_logps", "split_model", "attn_implementation",
            "model_inputs", "tree_attention_mask", "enable_gradient_checkpointing", "compile_backbone"]
@@ -218,9 +226,10 @@ def chunked_logprobs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def split_model(model: torch.nn.Module):
-    """(backbone, lm_head) of a causal LM, through PEFT and compile wrappers."""
+    """(backbone, lm_head) of a causal LM, through PEFT and compile wrappers; either is None when the model's
+    structure does not say (then only the model's own forward is used)."""
     base = base_model(model)
-    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+    return backbone_of(base)[0], output_head(base)
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_sequences: int, *,
@@ -234,7 +243,8 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_s
     """
     plan = plan or engine_plan(model)
     backbone, head = split_model(model)
-    params = head_parameters(head) if plan.head is not None and not full_logits else None
+    readable = plan.head is not None and backbone is not None and head is not None and not full_logits
+    params = head_parameters(head) if readable else None
     want_aux = aux_loss and plan.aux is not None
     layouts = plan.layouts
     if want_aux:  # the model's own forward computes its router loss from a 2D mask: plain rows only
@@ -266,9 +276,10 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_s
     lengths = torch.bincount(seq, minlength=num_sequences)
     logits_sum = mean_logit.new_zeros(num_sequences).index_add(0, seq, mean_logit.detach())
     aux = None
-    if want_aux:  # the model's own load-balancing loss over every real token (2D mask), as TRL adds it
-        a = plan.aux
-        aux = a["fn"](outputs.router_logits, a["num_experts"], a["top_k"], batch["attention_mask"])
+    router_logits = getattr(outputs, "router_logits", None)  # None: a forward that does not return them
+    if want_aux and router_logits is not None:  # the model's own load-balancing loss over every real token
+        a = plan.aux                             # (2D mask), as TRL adds it
+        aux = a["fn"](router_logits, a["num_experts"], a["top_k"], batch["attention_mask"])
     return SeqLogps(logps, lengths, token_logps, seq, batch["score_pos"], logits_sum, log_sum_sq, aux)
 
 
@@ -285,7 +296,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 def compile_backbone(model: torch.nn.Module, **compile_kwargs) -> None:
     """``torch.compile`` the backbone's decoder layers in place (regional compilation: one graph reused by
     every layer, shapes dynamic; state-dict keys unchanged, so checkpoints and export are unaffected)."""
-    backbone, _ = split_model(model)
+    backbone = split_model(model)[0] or base_model(model)  # no readable backbone: the whole model
     layers = getattr(backbone, "layers", None) or getattr(backbone, "h", None)
     compile_kwargs.setdefault("dynamic", True)
     if isinstance(layers, torch.nn.ModuleList) and len(layers):

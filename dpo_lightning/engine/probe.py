@@ -24,6 +24,7 @@ from dpo_lightning.models.quirks import (
     EnginePlan,
     base_model,
     engine_plan,
+    output_head,
     text_config,
 )
 
@@ -81,12 +82,15 @@ def check(model: torch.nn.Module, plan: EnginePlan | None = None, *, chunk_size:
     """Probe ``model`` (as it runs now: adapters on or off) and narrow ``plan`` in place; returns the changes.
     ``full_logits``: the run uses the model's own head anyway (ZeRO-3 / FSDP2): only the layouts are probed."""
     plan = plan or engine_plan(model)
+    if (plan.head is None or full_logits) and not plan.layouts - {PLAIN}:
+        return []  # only the model's own forward runs: nothing to compare
     base = base_model(model)
     param = next(model.parameters())
     amp = param.device.type
     dtype = torch.get_autocast_dtype(amp) if torch.is_autocast_enabled(amp) else param.dtype
     windows = [w for w in plan.windows.values() if w is not None]
-    vocab = int(getattr(text_config(base), "vocab_size", 0) or base.get_output_embeddings().weight.size(0))
+    vocab = int(getattr(text_config(base), "vocab_size", 0) or getattr(output_head(base), "out_features", 0)
+                or base.get_input_embeddings().num_embeddings)
     batches = probe_batches(vocab, min(windows) if windows else None, param.device)
     own_plan = EnginePlan(head=None, layouts={PLAIN})
     ref = _token_logps(model, batches[PLAIN], plan=own_plan, full_logits=True)

@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from dpo_lightning.models.quirks import base_model
+from dpo_lightning.models.quirks import backbone_of, base_model
 
 _aten = torch.ops.aten
 # Deterministic elementwise operators and views: recomputed in the backward instead of kept. (A view kept would
@@ -54,8 +54,9 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The backbone's repeated blocks (``layers``, ``h``, ``blocks``, ``decoder.layers``), or [] when unknown."""
     base = base_model(model)
-    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None) or base
-    for path in ("layers", "h", "blocks", "decoder.layers", "encoder.layers"):
+    backbone = backbone_of(base)[0] or base
+    for path in ("layers", "h", "blocks", "decoder.layers", "encoder.layers", "model.layers"):  # model.layers: a
+        # base_model_prefix naming no submodule (Gemma 3 / Llama 4 text under transformers 4.57 / 5)
         mod = backbone
         for part in path.split("."):
             mod = getattr(mod, part, None)

@@ -70,7 +70,8 @@ class RewardModelJudge(Judge):
                 tok = AutoTokenizer.from_pretrained(self.name_or_path)
                 model = AutoModelForSequenceClassification.from_pretrained(
                     self.name_or_path, dtype=resolve_dtype(self.dtype) or "auto")
-            except OSError as err:
+            except (OSError, ValueError) as err:  # ValueError: huggingface_hub < 1.0's HFValidationError for a
+                # path that does not exist (read as a malformed repo id)
                 raise FileNotFoundError(f"generation.judge={self.name_or_path!r}: cannot load a reward model "
                                         f"(AutoModelForSequenceClassification) from it: {err}") from None
             if model.config.num_labels not in (1, 2):

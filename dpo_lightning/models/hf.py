@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dpo_lightning.models.dtypes import DTYPES, resolve_dtype  # noqa: F401 (re-exported)
-from dpo_lightning.models.quantization import bnb_config
+from dpo_lightning.models.quantization import bnb_config, keep_off_cpu_packed_path
 
 
 @dataclass
@@ -151,6 +151,8 @@ def load_causal_lm(spec: ModelSpec, *, device_map: Any = None):
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, spec, "model", resolve_path(spec), **kwargs)
+    if spec.quantization:
+        keep_off_cpu_packed_path(model)  # bitsandbytes' AVX512-BF16 layout: shape limits, bf16, no autograd
     disable_dropout(model)
     model.config.use_cache = False
     return model

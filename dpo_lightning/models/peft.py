@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dpo_lightning.models.quantization import is_quantized
+from dpo_lightning.models.quantization import is_quantized, keep_off_cpu_packed_path
 
 log = logging.getLogger("dpo_lightning")
 
@@ -103,6 +103,7 @@ def apply_peft(model: torch.nn.Module, settings: dict[str, Any] | None) -> torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if is_quantized(model):
+        keep_off_cpu_packed_path(model)  # also for a model not loaded by load_causal_lm (see quantization.py)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if settings.get("adapter_path"):  # a saved adapter (its own r, alpha, targets), trainable
         from peft import PeftModel

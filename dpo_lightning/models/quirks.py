@@ -104,7 +104,30 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def text_config(base: torch.nn.Module):
     cfg = base.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    try:
+        return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    except (AttributeError, ValueError):  # a composite config whose text part cannot be told apart
+        return cfg
+
+
+def backbone_of(base: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
+    """(the decoder under the LM head, ""), or (None, why) when ``base_model_prefix`` does not name a submodule
+    (e.g. ``Llama4ForCausalLM``: prefix ``language_model``, decoder at ``model``): then nothing is guessed and
+    the engine runs the model's own forward."""
+    prefix = getattr(base, "base_model_prefix", "") or ""
+    backbone = getattr(base, prefix, None) if prefix else None
+    if isinstance(backbone, torch.nn.Module) and backbone is not base:
+        return backbone, ""
+    return None, f"{type(base).__name__} has no submodule {prefix!r} (its base_model_prefix)"
+
+
+def output_head(base: torch.nn.Module) -> torch.nn.Module | None:
+    """The LM head (``get_output_embeddings``), or None when the model does not say."""
+    try:
+        head = base.get_output_embeddings()
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    return head if isinstance(head, torch.nn.Module) else None
 
 
 def _source(fn) -> str:
@@ -247,18 +270,38 @@ def aux_plan(base: torch.nn.Module, coef: float | None = None) -> dict[str, Any]
     return {"coef": coef, "fn": fn, "num_experts": experts, "top_k": getattr(cfg, "num_experts_per_tok", None)}
 
 
+def fallback_plan(why: str) -> EnginePlan:
+    """The plain path only: the model's own forward and head (full logits), plain rows; ``why`` is the note the
+    probe's one line shows."""
+    return EnginePlan(head=None, layouts={PLAIN}, head_note=why, layout_note=why)
+
+
 def engine_plan(model: torch.nn.Module, router_aux_loss_coef: float | None = None) -> EnginePlan:
-    """The static plan for ``model`` (cached on it; ``engine_check.verify`` may narrow it further)."""
+    """The static plan for ``model`` (cached on it; ``engine_check.verify`` may narrow it further).
+
+    A model whose structure the tables and code reading cannot follow (no backbone at ``base_model_prefix``,
+    no readable head, an error while reading its code or config) gets ``fallback_plan``: its own forward,
+    never a crash. The MoE router loss is still read from the config where it can be."""
     base = base_model(model)
     cached = getattr(base, "_dpo_engine_plan", None)
     if cached is not None:
         return cached
-    head, head_note = head_rule(base)
-    backbone = getattr(base, base.base_model_prefix)
-    layouts, windows, dict_masks, layout_note = attention_plan(base, backbone)
-    aux = aux_plan(base, router_aux_loss_coef)
-    plan = EnginePlan(head=head, layouts={PLAIN} | layouts, windows=windows, dict_masks=dict_masks, aux=aux,
-                      router_logits=hasattr(text_config(base), "output_router_logits"), head_note=head_note,
-                      layout_note=layout_note)
+    try:
+        aux = aux_plan(base, router_aux_loss_coef)
+        router_logits = hasattr(text_config(base), "output_router_logits")
+    except Exception:  # an unreadable config: no router loss term, as for a dense model
+        aux, router_logits = None, False
+    backbone, why = backbone_of(base)
+    if backbone is None or output_head(base) is None:
+        plan = fallback_plan(why or f"{type(base).__name__} names no output head (get_output_embeddings)")
+    else:
+        try:
+            head, head_note = head_rule(base)
+            layouts, windows, dict_masks, layout_note = attention_plan(base, backbone)
+            plan = EnginePlan(head=head, layouts={PLAIN} | layouts, windows=windows, dict_masks=dict_masks,
+                              head_note=head_note, layout_note=layout_note)
+        except Exception as exc:  # whatever cannot be read goes to the model's own forward
+            plan = fallback_plan(f"{type(base).__name__}: structure not readable ({type(exc).__name__}: {exc})")
+    plan.aux, plan.router_logits = aux, router_logits
     base._dpo_engine_plan = plan
     return plan
