@@ -20,9 +20,10 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dpo_lightning.callbacks.preemption import resolve_ckpt_path
+from dpo_lightning.callbacks.resume import CheckpointError, resume_point
 from dpo_lightning.cli.build import build
 from dpo_lightning.cli.locate import config_dir
+from dpo_lightning.cli.run_lock import RunFolderBusy, RunLock
 from dpo_lightning.cli.runtime import (
     config_summary,
     flatten,
@@ -56,12 +57,14 @@ def _metric(results: list[dict], key: str) -> float | None:
 def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, Any]:
     """Run one training job; returns a summary (accuracies before/after, throughput, paths) and writes it to
     ``job_summary.json``. Whatever outlives the job in this process (the W&B run) is reset in a ``finally``."""
-    failed = True
+    failed, lock = True, RunLock(cfg.paths.output_dir)  # one live run per run folder (rank 0 / launcher)
     try:
+        lock.acquire()
         summary = _train(cfg, job)
         failed = False
         return summary
     finally:
+        lock.release()
         finish_globals(failed)
 
 
@@ -77,7 +80,8 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
         print(config_summary(cfg, f"{cfg.paths.output_dir}/config.yaml"))
     if notice:
         log.warning(notice)
-    objs = build(cfg)
+    resume = resume_point(cfg.get("ckpt_path"), cfg.paths.output_dir)  # ckpt_path=last skips unreadable ones
+    objs = build(cfg, resume=resume)
     module, dm, trainer = objs["module"], objs["datamodule"], objs["trainer"]
     for lg in objs["loggers"]:
         lg.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
@@ -86,8 +90,11 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
     dm.release_tokenizer()  # the rows are tokenized; the export reloads it
     release_free_memory()
     has_val = bool(dm.val_rows)
-    before = trainer.validate(module, datamodule=dm, verbose=False) if has_val and cfg.get("eval_before") else []
-    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir))
+    if resume is not None:  # a resumed run recorded its "before" validation already (the checkpoint has it)
+        before = [resume.before] if resume.before else []
+    else:
+        before = trainer.validate(module, datamodule=dm, verbose=False) if has_val and cfg.get("eval_before") else []
+    trainer.fit(module, datamodule=dm, ckpt_path=resume.path if resume else None)
     after = trainer.validate(module, datamodule=dm, verbose=False) if has_val else []
 
     summary: dict[str, Any] = {
@@ -170,7 +177,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return None if summary is None else (summary.get("objective") or {}).get("value")
     try:
         summary = train(cfg)
-    except (DataError, ConfigError, FileNotFoundError, NonFiniteError, ModelLoadError) as err:
+    except (DataError, ConfigError, FileNotFoundError, NonFiniteError, ModelLoadError, CheckpointError,
+            RunFolderBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return (summary.get("objective") or {}).get("value")  # the sweep objective (sweep.objective)

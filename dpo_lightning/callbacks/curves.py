@@ -41,6 +41,14 @@ class TrainingCurves(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._record(trainer, "train")
 
+    def state_dict(self) -> dict:
+        """The history travels in the checkpoint: a resumed run's curves start at step 0, not at the resume."""
+        return {"history": {k: [list(p) for p in pts] for k, pts in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = defaultdict(list, {k: [(int(s), float(v)) for s, v in pts]
+                                          for k, pts in state_dict.get("history", {}).items()})
+
     def _record(self, trainer, split: str) -> None:
         metrics = trainer.callback_metrics
         for name in (*self.panels, *(RECORDED if split == "val" else ())):

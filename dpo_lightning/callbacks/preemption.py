@@ -139,13 +139,18 @@ def is_complete(path: Path) -> bool:
         return False
 
 
+def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
+    """The checkpoints of a run folder (``checkpoints/*.ckpt`` and Lightning's SLURM ``hpc_ckpt_*.ckpt``),
+    newest first; our temporary names (starting with '.') are not among them."""
+    run_dir = Path(run_dir)
+    found = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+
+
 def latest_checkpoint(run_dir: str | Path) -> str | None:
     """The newest complete checkpoint of a run folder (``checkpoints/*.ckpt`` and Lightning's SLURM
     ``hpc_ckpt_*.ckpt``), or None when it has none."""
-    run_dir = Path(run_dir)
-    found = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-    found.sort(key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
-    for path in found:
+    for path in checkpoint_candidates(run_dir):
         if is_complete(path):
             return str(path)
         log.warning(f"skipping incomplete checkpoint {path}")
@@ -154,7 +159,8 @@ def latest_checkpoint(run_dir: str | Path) -> str | None:
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     """``ckpt_path=last`` -> the newest complete checkpoint of ``run_dir`` (None, with a note, when there is
-    none yet: a requeued job's first start). Any other value is returned unchanged."""
+    none yet: a requeued job's first start). Any other value is returned unchanged. ``dpo-train`` uses
+    ``callbacks.resume.resume_point``, which also reads each candidate (CRCs, structure) and what it holds."""
     if ckpt_path != "last":
         return ckpt_path
     found = latest_checkpoint(run_dir)

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_lightning.callbacks.preemption import PreemptionCheckpoint
+from dpo_lightning.callbacks.resume import ResumePoint, RunState, logger_resume_kwargs
 from dpo_lightning.files.atomic import AtomicCheckpointIO
 from dpo_lightning.training.module import PreferenceLitModule
 from dpo_lightning.training.strategies import build_strategy
@@ -53,16 +54,18 @@ def build_trainer(cfg: DictConfig, **kwargs: Any):
     return instantiate(cfg.trainer, strategy=build_strategy(cfg.get("strategy")), **kwargs)
 
 
-def build(cfg: DictConfig, *, with_trainer: bool = True, training: bool = True) -> dict[str, Any]:
+def build(cfg: DictConfig, *, with_trainer: bool = True, training: bool = True,
+          resume: ResumePoint | None = None) -> dict[str, Any]:
     """Instantiate every object a run needs from a composed config (no training). With ``with_trainer``
     (training only): also the callbacks (+ the preemption checkpoint), loggers and the trainer, which writes
-    its checkpoints atomically."""
+    its checkpoints atomically. ``resume`` (a resumed run): the loggers continue its logs."""
     out = build_module(cfg, training=training)
     if with_trainer and training:
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
         if cfg.get("preemption", True):  # SIGTERM / SLURM requeue: checkpoint at the next step, every rank, exit
             callbacks.append(PreemptionCheckpoint(f"{cfg.paths.output_dir}/checkpoints"))
-        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+        callbacks.append(RunState())  # the W&B run id and the "before" validation travel in checkpoints
+        loggers = [instantiate(c, **logger_resume_kwargs(c, resume)) for c in (cfg.get("logger") or {}).values() if c]
         trainer = build_trainer(cfg, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
         out.update(callbacks=callbacks, loggers=loggers, trainer=trainer)
     return out

@@ -332,6 +332,9 @@ class PreferenceLitModule(L.LightningModule):
         checkpoint["loss_state"] = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.loss_state.items()}
         if self.nonfinite is not None:
             checkpoint["nonfinite"] = self.nonfinite.state_dict()
+        if self.heldout.baseline_source:  # the initial policy's held-out log-probs: a resumed run has no "before"
+            checkpoint["heldout_baseline"] = {"rows": [[i, *v] for i, v in self.heldout.baseline.items()],
+                                              "source": self.heldout.baseline_source}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check a plain checkpoint holds the policy, restore the loss's running state and the reference's part
@@ -344,6 +347,10 @@ class PreferenceLitModule(L.LightningModule):
         self.loss_state.update(checkpoint.get("loss_state", {}))
         if self.nonfinite is not None:
             self.nonfinite.load_state_dict(checkpoint.get("nonfinite", {}))
+        if checkpoint.get("heldout_baseline"):
+            base = checkpoint["heldout_baseline"]
+            self.heldout.baseline = {int(i): (float(c), float(r)) for i, c, r in base["rows"]}
+            self.heldout.baseline_source = base["source"]
         self.reference.on_load_checkpoint(checkpoint)
 
 
