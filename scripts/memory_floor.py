@@ -66,6 +66,7 @@ def dpo_train_overrides(args, model_dir: Path, out: Path, cache: Path) -> list[s
     return [
         "model=hf", f"model.name_or_path={model_dir}", "model.dtype=float32", f"data.path={args.data_path}",
         f"data.batch_size={args.batch_size}", f"data.max_length={args.max_length}", "data.val_fraction=0",
+        "data.max_drop_fraction=1.0",  # short max_length on HH-RLHF drops most rows on purpose: measure the rest
         "logger=none", f"trainer.max_steps={args.steps}", f"seed={args.seed}", f"paths.output_dir={out}",
         f"paths.cache_dir={cache}",
     ] + list(args.override or [])

@@ -64,7 +64,7 @@ def one_thread():
 
 
 # ------------------------------------------------------------------ tiers: markers checked where they matter
-_OURS = re.compile(r"dpo_lightning|dpo-train|dpo-eval|(^|/)(ba)?sh$|(^|/)python[0-9.]*$|^-c$|^-m$|^pip$")
+_PROGRAMS = re.compile(r"(python[0-9.]*|(ba)?sh|pip[0-9.]*|dpo-(train|eval|sweep-report)|torchrun|srun)$")
 _MANY = re.compile(r"^trainer\.devices=([2-9]|\d\d)")
 
 
@@ -87,7 +87,8 @@ def _launches_are_marked(request, monkeypatch):
     class CheckedPopen(real):
         def __init__(self, args, *a, **kw):
             argv = [str(x) for x in ([args] if isinstance(args, (str, os.PathLike)) else args)]
-            if "subprocess" not in marks and any(_OURS.search(x) or str(REPO) in x for x in argv):
+            ours = bool(argv) and bool(_PROGRAMS.match(os.path.basename(argv[0])))  # not a compiler a library runs
+            if "subprocess" not in marks and (ours or any("dpo_lightning" in x or str(REPO) in x for x in argv)):
                 raise _MarkerError(f"{request.node.nodeid} starts {argv[:4]}... but is not marked "
                                    "@pytest.mark.subprocess (see pyproject.toml markers)")
             if "distributed" not in marks and any(_MANY.match(x) for x in argv):

@@ -46,6 +46,7 @@ def test_more_dropped_rows_than_max_drop_fraction_stop_before_training(tiny_path
         _dm(path, tiny_path, tmp_path, max_drop_fraction=1.5)
 
 
+@pytest.mark.subprocess
 def test_dpo_train_stops_with_one_line_and_a_non_zero_exit(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "dpo_lightning.train", "data.max_length=10", "logger=none",

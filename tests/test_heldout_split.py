@@ -62,6 +62,7 @@ def test_unpaired_rows_are_held_out_by_prompt(tiny_path, tmp_path):
     assert len(_prompts(dm.val_rows)) == 6
 
 
+@pytest.mark.subprocess
 def test_the_split_is_seeded_and_the_same_in_another_process(tiny_path, tmp_path):
     path = _write(tmp_path / "pairs.jsonl", _pairs())
     dm = _dm(path, tiny_path, tmp_path)

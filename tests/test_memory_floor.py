@@ -43,7 +43,7 @@ def test_one_process_tokenization_writes_what_the_parallel_one_writes(default_da
         one = tokenize_cached(recs, tokenizer, cfg, num_proc=1, cache_dir=tmp_path / f"one{n}", progress=False)
         two = tokenize_cached(recs, tokenizer, cfg, num_proc=2, cache_dir=tmp_path / f"two{n}", progress=False)
         assert one == two and one[0]
-        entries = [next((tmp_path / f"{d}{n}").iterdir()) for d in ("one", "two")]
+        entries = [next(p for p in (tmp_path / f"{d}{n}").iterdir() if p.is_dir()) for d in ("one", "two")]  # not the .lock
         assert entries[0].name == entries[1].name
         for f in entries[0].iterdir():  # the same entry, file for file
             other = entries[1] / f.name

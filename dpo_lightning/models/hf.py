@@ -81,9 +81,11 @@ def check_source(spec: ModelSpec, what: str = "model") -> None:
         if not path.is_dir():
             raise ModelLoadError(f"{field_name}: no such folder ({path.resolve()}); looked for a local model folder "
                                  f"(config.json, weights, tokenizer files); {FIXES}")
-        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-            raise ModelLoadError(f"{field_name}: {path.resolve()} has no config.json (not a save_pretrained "
-                                 f"folder); {FIXES}")
+        found = ("config.json", "adapter_config.json") + (
+            ("tokenizer.json", "tokenizer_config.json") if what == "tokenizer" else ())  # a tokenizer-only folder
+        if not any((path / name).exists() for name in found):
+            raise ModelLoadError(f"{field_name}: {path.resolve()} has none of {', '.join(found)} (not a "
+                                 f"save_pretrained folder); {FIXES}")
         return
     import os
 
@@ -124,7 +126,7 @@ def load_tokenizer(spec: ModelSpec):
     """The model's tokenizer with a pad token (falls back to EOS, then UNK, as TRL does)."""
     from transformers import AutoTokenizer
 
-    tok = _from_pretrained(AutoTokenizer.from_pretrained, spec, "model", resolve_path(spec),
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, spec, "tokenizer", resolve_path(spec),
                            revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
