@@ -3,6 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+WORKERS ?= 2  # pytest-xdist processes: tests run one torch thread each (conftest), one per core
 
 .PHONY: help setup run test test-fast lint bench clean
 
@@ -28,10 +29,10 @@ run: setup  ## set up, then train on the embedded default (tiny model, synthetic
 	$(BIN)/dpo-train
 
 test: setup  ## the whole suite, every tier: what CI runs (target: 15 min on 2 cores)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(WORKERS)
 
 test-fast: setup  ## in-process tests only, after each change (target: 4 min on 2 cores): no slow/distributed/subprocess
-	$(BIN)/pytest -q -m "not slow and not distributed and not subprocess"
+	$(BIN)/pytest -q -n $(WORKERS) -m "not slow and not distributed and not subprocess"
 
 lint: setup  ## ruff (pyflakes and friends), then mypy over the package ([tool.mypy] in pyproject.toml)
 	$(BIN)/ruff check dpo_lightning tests scripts hydra_plugins

@@ -1,8 +1,8 @@
-"""A/B of the log-prob engine on the Llama path: the engine before issue 8 (``logprobs.py`` at a git revision)
+"""A/B of the log-prob engine on the Llama path: an earlier engine (``logprobs.py`` at a git revision)
 against the current one, in one process, on the same model and batches, interleaved (ABBA), so a contended
 machine slows both alike. Prints one JSON with the median step time of each and their ratio.
 
-    PYTHONPATH=. python scripts/engine_ab.py                      # old = acaf11b (before issue 8)
+    PYTHONPATH=. python scripts/engine_ab.py                      # old = acaf11b (the engine before architecture quirks)
     PYTHONPATH=. python scripts/engine_ab.py --old-rev main --rounds 20
 
 Model: the CPU benchmark's Llama (``scripts/benchmark.py``: hidden 256, 4 layers, vocab 50,257, fp32).

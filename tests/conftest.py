@@ -17,6 +17,8 @@ os.environ.setdefault("DPO_LIGHTNING_CACHE", tempfile.mkdtemp(prefix="dpo-lightn
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test -n 2: the workers share the cores, one torch thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

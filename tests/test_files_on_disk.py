@@ -74,7 +74,7 @@ def test_checkpoints_load_without_running_pickled_code(tmp_path, monkeypatch):
 
 
 def test_export_renames_the_old_export_aside_until_the_new_one_is_in(tmp_path, monkeypatch, tiny_path):
-    """A failure while the new export moves in leaves the old export whole (it used to be deleted first)."""
+    """A failure while the new export moves in leaves the old export whole (renamed aside, not deleted first)."""
     from transformers import AutoModelForCausalLM
 
     from dpo_lightning import export as io

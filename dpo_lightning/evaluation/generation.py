@@ -7,7 +7,7 @@
 Metrics, over the policy's samples y ~ pi(.|x) (one value per sample, then mean and standard error):
 
     gen/kl        log pi(y|x) - log pi_ref(y|x), summed over the completion's tokens: the Monte-Carlo estimate of
-                  KL(pi || pi_ref) per sequence. Both log-probs come from the training engine (``logprobs.py``).
+                  KL(pi || pi_ref) per sequence. Both log-probs come from the training engine (``engine/logprobs.py``).
                   Unbiased when the samples come from pi itself: temperature 1, top_p 1 (the defaults).
     gen/entropy   -log pi(y|x): the sequence-entropy estimate TRL's online trainers log (nats per sequence)
     gen/length    completion tokens (EOS included)

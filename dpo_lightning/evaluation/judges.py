@@ -65,7 +65,7 @@ class RewardModelJudge(Judge):
         if self.model is None:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-            from dpo_lightning.models.hf import resolve_dtype
+            from dpo_lightning.models.dtypes import resolve_dtype
 
             try:
                 tok = AutoTokenizer.from_pretrained(self.name_or_path)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dpo_lightning.models.dtypes import DTYPES, resolve_dtype  # noqa: F401 (re-exported)
+from dpo_lightning.models.dtypes import resolve_dtype
 from dpo_lightning.models.quantization import bnb_config, keep_off_cpu_packed_path
 
 

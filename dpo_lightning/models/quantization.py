@@ -6,7 +6,7 @@
 
 A mapping with ``bits: 4`` or ``bits: 8`` (or transformers' own ``load_in_4bit`` / ``load_in_8bit`` keys) is
 accepted; 4-bit or 8-bit weights are frozen, so training them needs adapters (``peft=lora``: QLoRA), which
-``validation.py`` checks before any model loads. bitsandbytes >= 0.46 also runs on the CPU (slowly).
+``config/`` checks before any model loads. bitsandbytes >= 0.46 also runs on the CPU (slowly).
 
 On a CPU with AVX512-BF16, bitsandbytes (0.49+) repacks a 4-bit layer's weight into a CPU-only layout the first
 time the layer runs in eval mode without gradients (``Linear4bit.support_avx512bf16_for_cpu``, set from the CPU at

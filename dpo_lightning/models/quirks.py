@@ -1,6 +1,6 @@
 """What the log-prob engine must know about an architecture, read from the model, its config and its code.
 
-The engine (``logprobs.py``) goes around the model's own forward in two ways: it runs the LM head itself on the
+The engine (``engine/logprobs.py``) goes around the model's own forward in two ways: it runs the LM head itself on the
 completion positions only (chunked, reading the head's weight), and it feeds 4D tree / packed attention masks
 with restarted ``position_ids``. Both are exact only if they reproduce what the model does. ``engine_plan``
 returns an ``EnginePlan`` saying, for one model, what is provably the same:
@@ -17,7 +17,7 @@ returns an ``EnginePlan`` saying, for one model, what is provably the same:
 
 Everything architecture-specific lives in the tables below (no ``model_type`` checks elsewhere). What the
 tables do not cover is decided from the model's code (``inspect``) and, at run time, by the probe
-(``engine_check.py``), which compares the fast path with the model's own forward before the first step.
+(``engine/probe.py``), which compares the fast path with the model's own forward before the first step.
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def fallback_plan(why: str) -> EnginePlan:
 
 
 def engine_plan(model: torch.nn.Module, router_aux_loss_coef: float | None = None) -> EnginePlan:
-    """The static plan for ``model`` (cached on it; ``engine_check.verify`` may narrow it further).
+    """The static plan for ``model`` (cached on it; ``engine.probe.verify`` may narrow it further).
 
     A model whose structure the tables and code reading cannot follow (no backbone at ``base_model_prefix``,
     no readable head, an error while reading its code or config) gets ``fallback_plan``: its own forward,

@@ -67,13 +67,13 @@ class PreferenceLitModule(L.LightningModule):
         gradient_checkpointing: recompute decoder-layer activations in backward (less memory, ~1/3 slower).
         recompute_pointwise: keep only the matmul and attention outputs of the policy's decoder layers and
             recompute their elementwise operators in backward (exact; ~45% less activation memory for a few
-            percent of time; ``recompute.py``). Off where whole layers are recomputed or compiled.
+            percent of time; ``engine/recompute.py``). Off where whole layers are recomputed or compiled.
         compile: ``torch.compile`` the decoder layers of policy and reference (same results, faster steps
             after a one-time compilation).
         softmax_cache_mb: MiB of LM-head softmax kept from forward to backward, so those tokens skip the
-            logits recompute (0 = always recompute; see ``logprobs.py``).
+            logits recompute (0 = always recompute; see ``engine/logprobs.py``).
         verify: before the first step, probe the fast path against the model's own forward and fall back to
-            the exact path where they differ (``engine_check.py``); False trusts ``models/quirks.py`` alone.
+            the exact path where they differ (``engine/probe.py``); False trusts ``models/quirks.py`` alone.
         router_aux_loss_coef: weight of an MoE policy's router load-balancing loss added to the loss (TRL's
             ``router_aux_loss_coef``); None = the model config's own (0 or no MoE: none).
         nonfinite: ``{"guard": bool, "max_consecutive": int}``: skip an optimizer step whose loss or gradient
@@ -131,7 +131,7 @@ class PreferenceLitModule(L.LightningModule):
     # ---------------------------------------------------------------- forward
     def verify_engine(self) -> None:
         """Once, before the first forward: probe the fast path of the policy and the reference against their own
-        forward (``engine_check.py``) and print one line when any of them falls back to an exact path."""
+        forward (``engine/probe.py``) and print one line when any of them falls back to an exact path."""
         if self._engine_checked:
             return
         self._engine_checked = True

@@ -14,7 +14,7 @@ The frozen reference lives inside the LightningModule, so every engine places an
 it has ``requires_grad=False`` and the optimizer only receives the policy's trainable parameters, so it is
 never trained. ``export.py`` gathers the full policy weights on rank 0 for the final ``save_pretrained``.
 
-The log-prob engine calls the backbone and the LM head weight directly (``logprobs.py``). Under DDP, FSDP1
+The log-prob engine calls the backbone and the LM head weight directly (``engine/logprobs.py``). Under DDP, FSDP1
 and ZeRO-2 that is correct: FSDP1 wraps the whole LightningModule, so its root unit (embeddings, final
 norm, LM head) is gathered for the whole step, and each decoder layer gathers itself. Under ZeRO-3 and
 FSDP2 a parameter is only gathered when its own module's ``forward`` runs, so those strategies switch the
