@@ -77,3 +77,18 @@ def test_combinations_that_do_work_pass(tmp_path):
                       ["peft=lora", "reference.dtype=bfloat16", "reference.mode=copy"],
                       ["peft=lora", "reference.dtype=bfloat16", "reference.precompute=true"]):
         validate_config(_cfg(tmp_path, *overrides))
+
+
+@pytest.mark.parametrize("override, message", [("data.max_length=1", "data.max_length=1: must be at least 2"),
+                                               ("data.max_prompt_length=0", "data.max_prompt_length=0: must be at")])
+def test_truncation_lengths_are_refused_when_composed(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(_cfg(tmp_path, override))
+
+
+def test_a_value_a_settings_object_refuses_is_a_config_error(tmp_path):
+    """The constructors' own refusals take the one clean path too (dpo-train prints ``error: ...``, exit 2)."""
+    from dpo_lightning.cli.build import build_module
+
+    with pytest.raises(ConfigError, match="data.truncation_mode='sideways': use 'keep_start' or 'keep_end'"):
+        build_module(_cfg(tmp_path, "data.truncation_mode=sideways"))

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_lightning.callbacks.preemption import PreemptionCheckpoint
 from dpo_lightning.callbacks.resume import ResumePoint, RunState, logger_resume_kwargs
+from dpo_lightning.config.base import ConfigError
 from dpo_lightning.files.atomic import AtomicCheckpointIO
 from dpo_lightning.training.module import PreferenceLitModule
 from dpo_lightning.training.strategies import build_strategy
@@ -34,16 +36,22 @@ def _plain(cfg: DictConfig, key: str) -> Any:
 def build_module(cfg: DictConfig, *, training: bool = True) -> dict[str, Any]:
     """The model spec, loss, data module (not set up) and ``PreferenceLitModule`` of a composed config;
     ``training=False`` (dpo-eval) leaves out the optimizer, scheduler and non-finite guard."""
-    model_spec = instantiate(cfg.model, _convert_="all")
-    loss = instantiate(cfg.loss, _convert_="all")
-    reference = instantiate(cfg.reference, _convert_="all")
-    datamodule = instantiate(cfg.data, _partial_=True, _convert_="all")(
-        tokenizer=model_spec, paired=loss.paired, kl_pairs=bool(getattr(loss, "needs_kl_pairs", False)))
-    fit: dict[str, Any] = {}
-    if training:
-        fit = {"optimizer": instantiate(cfg.optimizer, _convert_="all"),
-               "scheduler": instantiate(cfg.scheduler, _convert_="all"),
-               "nonfinite": OmegaConf.to_container(cfg.nonfinite) if cfg.get("nonfinite") else None}
+    try:  # the settings objects: a value they refuse is a ConfigError, one line (no model is loaded yet)
+        model_spec = instantiate(cfg.model, _convert_="all")
+        loss = instantiate(cfg.loss, _convert_="all")
+        reference = instantiate(cfg.reference, _convert_="all")
+        datamodule = instantiate(cfg.data, _partial_=True, _convert_="all")(
+            tokenizer=model_spec, paired=loss.paired, kl_pairs=bool(getattr(loss, "needs_kl_pairs", False)))
+        fit: dict[str, Any] = {}
+        if training:
+            fit = {"optimizer": instantiate(cfg.optimizer, _convert_="all"),
+                   "scheduler": instantiate(cfg.scheduler, _convert_="all"),
+                   "nonfinite": OmegaConf.to_container(cfg.nonfinite) if cfg.get("nonfinite") else None}
+    except (ValueError, TypeError, InstantiationException) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        if not isinstance(cause, (ValueError, TypeError)):
+            raise
+        raise ConfigError(str(cause)) from err
     module = PreferenceLitModule(model_spec, loss=loss, reference=reference, peft=_plain(cfg, "peft"), **fit,
                                  **(_plain(cfg, "engine") or {}))
     return {"model_spec": model_spec, "loss": loss, "datamodule": datamodule, "module": module}

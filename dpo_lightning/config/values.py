@@ -51,6 +51,10 @@ def check_values(cfg: DictConfig) -> None:
             continue
         if value not in rng:
             raise ConfigError(f"{key}={value}: must lie in {rng}")
+    for name in ("max_length", "max_prompt_length"):  # the same words as TruncationConfig (plain-Python users)
+        value = _get(cfg, f"data.{name}")
+        if value is not None and OmegaConf.select(cfg, "data") is not None and int(value) < 2:
+            raise ConfigError(f"data.{name}={value}: must be at least 2 (or null for no limit)")
 
 
 def check_layout(cfg: DictConfig) -> None:
