@@ -119,15 +119,21 @@ def _raw_to_npy(raw: Path, npy: Path, count: int) -> None:
 
 
 def load_store(folder: Path) -> dict[str, Any] | None:
-    """The entry's arrays (memory-mapped) and meta, or None when the folder is not a complete entry."""
+    """The entry's arrays (memory-mapped) and meta, or None when the folder is not a complete entry (no
+    ``meta.json``, written last; an array missing, cut short or of another length than ``meta.json`` says)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
                   for name in ("index", "label", *FIELDS, *(f"{f}_off" for f in FIELDS))}
     except (OSError, ValueError):
         return None
-    if len(arrays["index"]) != meta.get("rows") or len(arrays["prompt_off"]) != meta["rows"] + 1:
+    rows = meta.get("rows")
+    if any(len(arrays[a]) != rows for a in ("index", "label")):
         return None
+    for f in FIELDS:  # a cut-short ids file is not an entry (np.load checks its header's length; this the offsets')
+        off = arrays[f"{f}_off"]
+        if len(off) != rows + 1 or int(off[-1]) != len(arrays[f]):
+            return None
     return {"meta": meta, "arrays": arrays, "folder": str(folder)}
 
 
