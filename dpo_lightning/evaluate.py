@@ -26,10 +26,10 @@ from dpo_lightning.callbacks.generation import generation_callback, write_genera
 from dpo_lightning.cli.build import build, build_trainer
 from dpo_lightning.cli.eval_setup import eval_rows, prepare_eval
 from dpo_lightning.cli.locate import config_dir
-from dpo_lightning.cli.runtime import print_config_tree
+from dpo_lightning.cli.runtime import find_error, print_config_tree
 from dpo_lightning.config.validate import validate_config
 from dpo_lightning.data.formats import DataError
-from dpo_lightning.files.atomic import atomic_write_json
+from dpo_lightning.files.atomic import WriteError, atomic_write_json
 from dpo_lightning.reference.spec import Mode
 
 
@@ -68,8 +68,11 @@ def _hydra_main(cfg: DictConfig) -> None:
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     try:
         evaluate(cfg)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        known = find_error(err, (DataError, FileNotFoundError, ValueError, WriteError))
+        if known is None:
+            raise
+        print(f"error: {known}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -13,6 +13,7 @@ The folder loads with ``AutoModelForCausalLM.from_pretrained`` (a LoRA policy: i
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +23,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as _LDeepSpeed
 from lightning.pytorch.strategies import FSDPStrategy as _LFSDP
 from lightning.pytorch.strategies import ModelParallelStrategy as _LModelParallel
 
-from dpo_lightning.files.atomic import atomic_write_json, honour_umask, replace_folder, temp_dir
+from dpo_lightning.files.atomic import honour_umask, replace_folder, temp_dir, writing
 from dpo_lightning.models.peft import is_peft_model
 from dpo_lightning.reference.record import REFERENCE_FILE
 
@@ -141,26 +142,30 @@ def export_pretrained(model, tokenizer, out_dir: str | Path, *, merge_adapters: 
 
     A PEFT policy is saved as its adapter, or merged into the base weights when ``merge_adapters``.
     ``records`` are small JSON files written beside the weights (``{"reference.json": {...}}``).
+    A failed write (a full disk: ``WriteError`` naming ``out_dir``) removes the temp folder; a previous
+    export at ``out_dir`` stays whole.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out_dir.parent, prefix=f".{out_dir.name}.")
+    with writing(out_dir):  # a full disk or read-only folder: WriteError naming the export, the old one kept
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     try:
         if merge_adapters and is_peft_model(model):
             import copy
 
             model = copy.deepcopy(model).merge_and_unload()
         adapters = list(model.peft_config) if is_peft_model(model) else []
-        if len(adapters) > 1:  # TR-DPO's mixed "reference" adapter stays out of the export
-            model.save_pretrained(tmp, selected_adapters=[model.active_adapter])
-        else:
-            model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, data in (records or {}).items():
-            atomic_write_json(tmp / name, data)
-        honour_umask(tmp)  # the weights file is written 0600 by save_pretrained: readable like any other file
-        replace_folder(tmp, out_dir)
+        with writing(out_dir):
+            if len(adapters) > 1:  # TR-DPO's mixed "reference" adapter stays out of the export
+                model.save_pretrained(tmp, selected_adapters=[model.active_adapter])
+            else:
+                model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, data in (records or {}).items():
+                (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")  # the folder is the unit
+            honour_umask(tmp)  # the weights file is written 0600 by save_pretrained: readable like any other file
+            replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -26,6 +26,7 @@ from dpo_lightning.cli.locate import config_dir
 from dpo_lightning.cli.run_lock import RunFolderBusy, RunLock
 from dpo_lightning.cli.runtime import (
     config_summary,
+    find_error,
     flatten,
     prepare_wandb,
     print_config_tree,
@@ -35,6 +36,7 @@ from dpo_lightning.cli.runtime import (
 from dpo_lightning.config.validate import ConfigError, validate_config
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.export import export_policy
+from dpo_lightning.files.atomic import WriteError
 from dpo_lightning.models.hf import ModelLoadError
 from dpo_lightning.sweeps.hydra_callback import register_plugins, sweep_failures, sweep_job_info
 from dpo_lightning.sweeps.job import (
@@ -175,13 +177,26 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         apply_sweep_defaults(cfg, job)
         summary = run_job(train, cfg, job)  # returns the sweep objective (sweep.objective) to the sweeper
         return None if summary is None else (summary.get("objective") or {}).get("value")
-    try:
-        summary = train(cfg)
-    except (DataError, ConfigError, FileNotFoundError, NonFiniteError, ModelLoadError, CheckpointError,
-            RunFolderBusy) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    summary = run_single(cfg)
     return (summary.get("objective") or {}).get("value")  # the sweep objective (sweep.objective)
+
+
+# what a user can fix: one ``error: ...`` line and exit status 2, no traceback
+USER_ERRORS = (DataError, ConfigError, FileNotFoundError, NonFiniteError, ModelLoadError, CheckpointError,
+               RunFolderBusy, WriteError)
+
+
+def run_single(cfg: DictConfig) -> dict[str, Any]:
+    """``train(cfg)`` as the command line runs it: an error a user can fix (found also where Lightning or a
+    callback raised another error from it) is one ``error: ...`` line on stderr and ``SystemExit(2)``."""
+    try:
+        return train(cfg)
+    except Exception as err:
+        known = find_error(err, USER_ERRORS)
+        if known is None:
+            raise
+        print(f"error: {known}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main() -> None:

@@ -10,6 +10,23 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 
+def find_error(err: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first of ``err`` and the errors it was raised from or during (``__cause__``, ``__context__``) that
+    is one of ``types``: an entry point's one-line error, also when a library wrapped it (a callback's error
+    inside Lightning's fit, a write failing while another error was handled). None when there is none."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, types):
+            return e
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
 def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None) -> None:
     """Print the composed config as a rich tree (one branch per group) and optionally save it as YAML."""
     import rich

@@ -40,6 +40,7 @@ from dpo_lightning.data.formats import DataError, load_records, parse_jsonl_line
 from dpo_lightning.data.store import StoreWriter, TokenRows, load_store
 from dpo_lightning.data.tokenize import TruncationConfig, split_prompt, tokenize_records, truncate
 from dpo_lightning.data.validate import DataValidator, first_kind, is_unpaired_file
+from dpo_lightning.files.atomic import remove_path
 from dpo_lightning.files.disk_cache import file_lock
 
 CHUNK_ROWS = 512  # rows per task sent to a worker
@@ -216,6 +217,7 @@ def _cached(key: str, cache_dir, make) -> tuple[TokenRows, dict[str, Any]]:
         with file_lock(folder):  # <key>.lock beside the entry
             store = load_store(folder)  # another process may have built it while we waited
             if store is None:
+                remove_path(folder)  # a damaged entry (a file cut short by hand): never read, built anew
                 make(folder)
                 store = load_store(folder)
     if store is None:

@@ -23,6 +23,7 @@ maps; slicing and ``take`` give views, and the lengths come out as arrays withou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections import Counter
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from dpo_lightning.files.atomic import writing
 from dpo_lightning.files.disk_cache import publish_folder, staging_folder
 
 FIELDS = ("prompt", "a", "b")
@@ -43,7 +45,13 @@ class StoreWriter:
     def __init__(self, final: Path):
         self.final = final
         self.tmp = staging_folder(final)
-        self._raw = {f: open(self.tmp / f"{f}.raw", "wb") for f in FIELDS}
+        self._raw: dict[str, Any] = {}
+        try:
+            with writing(final):
+                self._raw = {f: open(self.tmp / f"{f}.raw", "wb") for f in FIELDS}
+        except BaseException:
+            self.abort()
+            raise
         self._lens: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
         self._index: list[np.ndarray] = []
         self._label: list[np.ndarray] = []
@@ -55,36 +63,45 @@ class StoreWriter:
         self._label.append(chunk["label"])
         for f in FIELDS:
             self._lens[f].append(chunk[f"{f}_len"])
-            chunk[f].astype("<i4", copy=False).tofile(self._raw[f])
+            with writing(self.final):  # a full disk: WriteError naming the entry (the caller aborts)
+                chunk[f].astype("<i4", copy=False).tofile(self._raw[f])
         self.dropped.update(chunk["dropped"])
 
     def publish(self, *, paired: bool, from_pairs: bool, report: dict | None = None) -> Path:
+        """Finish the arrays and ``meta.json`` (with the validation ``report``) in the temp folder and rename it
+        to the entry. ``meta.json`` is written last and the rename is atomic: an entry folder is complete or
+        absent. A failed write (``WriteError`` naming the entry) removes the temp folder."""
         try:
-            n = int(sum(len(x) for x in self._index))
-            _save(self.tmp / "index.npy", np.concatenate(self._index or [np.zeros(0)]).astype(np.int64))
-            _save(self.tmp / "label.npy", np.concatenate(self._label or [np.zeros(0)]).astype(bool))
-            tokens = 0
-            for f in FIELDS:
-                self._raw[f].close()
-                lens = np.concatenate(self._lens[f] or [np.zeros(0)]).astype(np.int64)
-                off = np.zeros(n + 1, dtype=np.int64)
-                np.cumsum(lens, out=off[1:])
-                _save(self.tmp / f"{f}_off.npy", off)
-                tokens += int(off[-1])
-                _raw_to_npy(self.tmp / f"{f}.raw", self.tmp / f"{f}.npy", int(off[-1]))
-            meta = {"version": 1, "paired": paired, "from_pairs": from_pairs, "rows": n, "tokens": tokens,
-                    "dropped": dict(self.dropped), "report": report}
-            (self.tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True))
-            # atomic; a finished entry is never half-written. Another process that published the same key
-            # first wrote the same content: keep theirs
-            publish_folder(self.tmp, self.final, complete=lambda entry: (entry / "meta.json").exists())
+            with writing(self.final):
+                self._finish(paired=paired, from_pairs=from_pairs, report=report)
         finally:
             self.abort()
         return self.final
 
+    def _finish(self, *, paired: bool, from_pairs: bool, report: dict | None) -> None:
+        n = int(sum(len(x) for x in self._index))
+        _save(self.tmp / "index.npy", np.concatenate(self._index or [np.zeros(0)]).astype(np.int64))
+        _save(self.tmp / "label.npy", np.concatenate(self._label or [np.zeros(0)]).astype(bool))
+        tokens = 0
+        for f in FIELDS:
+            self._raw[f].close()
+            lens = np.concatenate(self._lens[f] or [np.zeros(0)]).astype(np.int64)
+            off = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(lens, out=off[1:])
+            _save(self.tmp / f"{f}_off.npy", off)
+            tokens += int(off[-1])
+            _raw_to_npy(self.tmp / f"{f}.raw", self.tmp / f"{f}.npy", int(off[-1]))
+        meta = {"version": 1, "paired": paired, "from_pairs": from_pairs, "rows": n, "tokens": tokens,
+                "dropped": dict(self.dropped), "report": report}
+        (self.tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True))
+        # atomic; a finished entry is never half-written. Another process that published the same key
+        # first wrote the same content: keep theirs
+        publish_folder(self.tmp, self.final, complete=lambda entry: (entry / "meta.json").exists())
+
     def abort(self) -> None:
         for fh in self._raw.values():
-            fh.close()
+            with contextlib.suppress(OSError):  # flushing onto a full disk fails again: the folder goes anyway
+                fh.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -102,15 +119,21 @@ def _raw_to_npy(raw: Path, npy: Path, count: int) -> None:
 
 
 def load_store(folder: Path) -> dict[str, Any] | None:
-    """The entry's arrays (memory-mapped) and meta, or None when the folder is not a complete entry."""
+    """The entry's arrays (memory-mapped) and meta, or None when the folder is not a complete entry (no
+    ``meta.json``, written last; an array missing, cut short or of another length than ``meta.json`` says)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
                   for name in ("index", "label", *FIELDS, *(f"{f}_off" for f in FIELDS))}
     except (OSError, ValueError):
         return None
-    if len(arrays["index"]) != meta.get("rows") or len(arrays["prompt_off"]) != meta["rows"] + 1:
+    rows = meta.get("rows")
+    if any(len(arrays[a]) != rows for a in ("index", "label")):
         return None
+    for f in FIELDS:  # a cut-short ids file is not an entry (np.load checks its header's length; this the offsets')
+        off = arrays[f"{f}_off"]
+        if len(off) != rows + 1 or int(off[-1]) != len(arrays[f]):
+            return None
     return {"meta": meta, "arrays": arrays, "folder": str(folder)}
 
 

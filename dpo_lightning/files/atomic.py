@@ -3,19 +3,53 @@
 Nothing is half-written: every file goes to a temporary name in the same folder and is renamed into
 place (``os.replace``), so a crash leaves either the old file or the new one. Temporary files and folders
 get the modes ``open`` and ``mkdir`` would (the umask honoured), not ``tempfile``'s private 0600 / 0700.
+
+A write that fails (no space left, a read-only folder) removes its temporary file or folder, leaves the
+previous file in place and raises ``WriteError``: "cannot write <target>: No space left on device (ENOSPC)".
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno as _errno
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class WriteError(OSError):
+    """A file or folder could not be written; the previous one (if any) is untouched. ``path`` is the target
+    (not the temporary name), ``errno`` / ``strerror`` the operating system's error."""
+
+    def __init__(self, path: str | Path, err: OSError):
+        super().__init__(err.errno, err.strerror or str(err))
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        name = _errno.errorcode.get(self.errno) if self.errno is not None else None
+        return f"cannot write {self.path}: {self.strerror}" + (f" ({name})" if name else "")
+
+    def __reduce__(self):  # pickles (a DDP worker's error travels to the launcher)
+        return (type(self), (self.path, OSError(self.errno, self.strerror)))
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn an ``OSError`` inside the block into ``WriteError(path)`` (one already naming a target passes as
+    it is: the innermost write knows best which file failed)."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as err:
+        raise WriteError(path, err) from err
 
 
 def current_umask() -> int:
@@ -62,16 +96,18 @@ def honour_umask(folder: str | Path) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file beside it; ``WriteError`` (old file kept) on failure."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_file(path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -99,14 +135,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"storage_options are not supported by {type(self).__name__} for local files")
         path = Path(str(path).removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with writing(path):  # a full disk: WriteError naming the checkpoint, the previous one untouched
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                torch.save(checkpoint, tmp)
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
 
 
 def remove_path(path: Path) -> None:
@@ -120,12 +157,18 @@ def remove_path(path: Path) -> None:
 def replace_folder(tmp: Path, out_dir: Path) -> None:
     """Move the finished folder ``tmp`` to ``out_dir``: an old ``out_dir`` (folder or file) is renamed aside
     first and deleted only once the new one is in place, so a crash leaves the old one (or its aside copy
-    ``.<name>.old``), never nothing."""
+    ``.<name>.old``), never nothing. When the last rename fails, the old one is put back before the error."""
     aside = out_dir.with_name(f".{out_dir.name}.old")
     remove_path(aside)
-    if out_dir.exists() or out_dir.is_symlink():
+    moved = out_dir.exists() or out_dir.is_symlink()
+    if moved:
         out_dir.rename(aside)
-    tmp.rename(out_dir)
+    try:
+        tmp.rename(out_dir)
+    except BaseException:
+        if moved:
+            aside.rename(out_dir)
+        raise
     remove_path(aside)
 
 
@@ -151,8 +194,18 @@ class AtomicFolderSave(_StrategyBase):
         if self.is_global_zero:
             remove_path(tmp)  # left by a save that was killed
         self.barrier("atomic_checkpoint_begin")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
+        try:
+            with writing(path):  # a rank that fails stops the run (the others stop at the next collective)
+                super().save_checkpoint(checkpoint, tmp, storage_options)
+        except BaseException:
+            remove_path(tmp)
+            raise
         self.barrier("atomic_checkpoint_written")
         if self.is_global_zero:
-            replace_folder(tmp, path)
+            try:
+                with writing(path):
+                    replace_folder(tmp, path)
+            except BaseException:
+                remove_path(tmp)
+                raise
         self.barrier("atomic_checkpoint_done")

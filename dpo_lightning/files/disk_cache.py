@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dpo_lightning.files.atomic import honour_umask, temp_dir, temp_file
+from dpo_lightning.files.atomic import honour_umask, temp_dir, temp_file, writing
 
 ENV = "DPO_LIGHTNING_CACHE"  # overrides the default root ~/.cache/dpo_lightning
 
@@ -81,36 +81,41 @@ def file_lock(entry: str | Path, *, waiting: str | None = None, poll: float = 0.
 
 def publish_file(path: str | Path, write: Callable[[str], None], *, suffix: str = "") -> Path:
     """Write an entry file atomically: ``write(tmp)`` fills a temp file beside ``path`` (``.tmp-*<suffix>``),
-    which is then renamed over ``path``; on any error the temp file is removed and ``path`` is untouched."""
+    which is then renamed over ``path``; on any error the temp file is removed and ``path`` is untouched (an
+    ``OSError``, a full disk: ``WriteError`` naming ``path``). Readers only ever see ``path``, never ``.tmp-*``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file(path.parent, prefix=".tmp-", suffix=suffix)  # the umask's mode, not 0600
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_file(path.parent, prefix=".tmp-", suffix=suffix)  # the umask's mode, not 0600
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return path
 
 
 def staging_folder(entry: str | Path) -> Path:
     """A new empty temp folder beside ``entry`` (``.tmp-*``) to build an entry folder in."""
     entry = Path(entry)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    return temp_dir(entry.parent, prefix=".tmp-")  # the umask's mode: a shared cache stays shared
+    with writing(entry):
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        return temp_dir(entry.parent, prefix=".tmp-")  # the umask's mode: a shared cache stays shared
 
 
 def publish_folder(tmp: Path, entry: Path, *, complete: Callable[[Path], bool]) -> Path:
     """Rename the finished folder ``tmp`` to ``entry`` (atomic). When another process published the same entry
     first (``complete(entry)``: the same content), keep theirs and remove ``tmp``; otherwise the error stands.
-    Files that libraries wrote privately (``save_pretrained``'s 0600 weights) get the umask's mode first."""
-    honour_umask(tmp)
-    try:
-        os.rename(tmp, entry)
-    except OSError:
-        if not complete(entry):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+    Files that libraries wrote privately (``save_pretrained``'s 0600 weights) get the umask's mode first.
+    A failure (``WriteError`` naming ``entry``) leaves no entry: the caller removes ``tmp``."""
+    with writing(entry):
+        honour_umask(tmp)
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not complete(entry):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return entry
