@@ -146,8 +146,8 @@ def instrument(steps_detail: int = 3) -> None:
 
     probe = Probe()
 
-    def build_probed(cfg, *, with_trainer=True):
-        objs = build(cfg, with_trainer=with_trainer)
+    def build_probed(cfg, *, with_trainer=True, **kwargs):
+        objs = build(cfg, with_trainer=with_trainer, **kwargs)
         if with_trainer:
             objs["trainer"].callbacks.insert(0, probe)  # first: its on_train_end runs before the others'
         return objs

@@ -276,6 +276,7 @@ def ours(loss, seqs: list[dict], batch: dict):
     """PreferenceLitModule.compute_loss on a stub module whose policy returns ``seqs`` (no reference run)."""
     me = SimpleNamespace(policy_logps=lambda b: seq_logps(seqs), reference_logps=lambda b: None, loss_fn=loss,
                          loss_state={}, verify_engine=lambda: None)  # no model to probe: log-probs are given
+    me._compute = lambda b: PreferenceLitModule._compute(me, b)  # type: ignore[attr-defined]
     out, metrics = PreferenceLitModule.compute_loss(me, batch)
     return out, {k: float(v) for k, v in metrics.items()}
 

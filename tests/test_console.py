@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_building_the_package_prints_no_setuptools_warnings(tmp_path):
     """The license table (deprecated) and conf/<group>/ folders seen as unlisted packages printed ~900 lines
     of BuildBackendWarning on every `pip install -e .` (`make setup`)."""

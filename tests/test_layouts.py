@@ -129,6 +129,7 @@ def test_gradient_checkpointing_is_exact(tiny_path):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess  # inductor compiles and loads its kernels in child processes
 def test_torch_compile_matches_eager():
     from dpo_lightning.engine.logprobs import compile_backbone
 

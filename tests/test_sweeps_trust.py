@@ -119,6 +119,7 @@ def test_compose_error_names_the_loss_and_the_key():
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_default_sweep_records_uncomposable_jobs_logs_gen_kl_and_draws_the_frontier(tmp_path):
     """`dpo-train -m loss=sigmoid,simper loss.beta=0.1`: simper has no beta (a failed job naming it), sigmoid
     runs with a precomputed reference and generation evaluation scores against the reference anyway."""
