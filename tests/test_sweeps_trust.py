@@ -132,7 +132,8 @@ def test_default_sweep_records_uncomposable_jobs_logs_gen_kl_and_draws_the_front
     assert "sweep job 1 (loss=simper) not run: loss=simper has no key 'beta'" in res.stderr
     summary = json.loads((sweep / "0" / "job_summary.json").read_text())
     assert summary["reference_passes"] == 1  # the precompute ran: the reference was not live in training
-    assert summary["metrics"]["gen/kl"] >= 0 and "no reference model" not in res.stderr + res.stdout
+    # scored against the reference: a sampled estimate (2 prompts), unbiased but not always >= 0
+    assert math.isfinite(summary["metrics"]["gen/kl"]) and "no reference model" not in res.stderr + res.stdout
     assert summary["objective"]["name"] == "val/pref_loglik" and summary["objective"]["stderr"] >= 0
     assert len(summary["heldout_rows"]["val/pref_loglik"]) == summary["objective"]["n"] > 0
     assert (sweep / "sweep_frontier.png").read_bytes()[:4] == b"\x89PNG"
