@@ -131,7 +131,10 @@ def verdict(df) -> str:
     ok = ok[(ok["status"] == "ok") & ok[key].notna()]
     if not len(ok):
         return f"No finished job has the objective {key}."
-    label = lambda r: f"job {r['job']} ({r['name'] or 'no overrides'})"  # noqa: E731
+    from dpo_lightning.sweeps.plots import _labels
+
+    short = {job: text.split(": ", 1)[-1] for job, text in _labels(df).items()}  # what varies: ``ipo β=0.02``
+    label = lambda r: f"job {r['job']} ({short.get(r['job']) or r['name'] or 'no overrides'})"  # noqa: E731
     se = lambda r: float(r.get(key + SE)) if r.get(key + SE) is not None and r.get(key + SE) == r.get(key + SE) else math.nan  # noqa: E731,E501
     best = ok.iloc[0]
     if len(ok) == 1:
