@@ -90,6 +90,8 @@ def _launches_are_marked(request, monkeypatch):
         def __init__(self, args, *a, **kw):
             argv = [str(x) for x in ([args] if isinstance(args, (str, os.PathLike)) else args)]
             ours = bool(argv) and bool(_PROGRAMS.match(os.path.basename(argv[0])))  # not a compiler a library runs
+            if ours and "-m" in argv[:-1]:  # python -m <module>: a library's own service (W&B) is not ours
+                ours = argv[argv.index("-m") + 1].split(".")[0] in ("dpo_lightning", "pip", "torch", "pytest")
             in_repo = any(("dpo_lightning" in x or str(REPO) in x) and "site-packages" not in x for x in argv)
             if "subprocess" not in marks and (ours or in_repo):  # a library's own helper (wandb-core) is not ours
                 raise _MarkerError(f"{request.node.nodeid} starts {argv[:4]}... but is not marked "
