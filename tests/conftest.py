@@ -66,7 +66,7 @@ def one_thread():
 
 
 # ------------------------------------------------------------------ tiers: markers checked where they matter
-_PROGRAMS = re.compile(r"(python[0-9.]*|(ba)?sh|pip[0-9.]*|dpo-(train|eval|sweep-report)|torchrun|srun)$")
+_PROGRAMS = re.compile(r"(pip[0-9.]*|dpo-(train|eval|sweep-report)|torchrun|srun)$")
 _MANY = re.compile(r"^trainer\.devices=([2-9]|\d\d)")
 
 
@@ -89,9 +89,11 @@ def _launches_are_marked(request, monkeypatch):
     class CheckedPopen(real):
         def __init__(self, args, *a, **kw):
             argv = [str(x) for x in ([args] if isinstance(args, (str, os.PathLike)) else args)]
-            ours = bool(argv) and bool(_PROGRAMS.match(os.path.basename(argv[0])))  # not a compiler a library runs
-            if ours and "-m" in argv[:-1]:  # python -m <module>: a library's own service (W&B) is not ours
-                ours = argv[argv.index("-m") + 1].split(".")[0] in ("dpo_lightning", "pip", "torch", "pytest")
+            # ours: our CLI, pip, a launcher, python -m of ours / pip / torch.distributed, or anything naming our code;
+            # not a library's own helpers (a compiler, W&B's service or its `python -c` umask probe)
+            ours = bool(argv) and bool(_PROGRAMS.match(os.path.basename(argv[0])))
+            if "-m" in argv[:-1]:
+                ours = ours or argv[argv.index("-m") + 1].startswith(("dpo_lightning", "pip", "torch.distributed"))
             in_repo = any(("dpo_lightning" in x or str(REPO) in x) and "site-packages" not in x for x in argv)
             if "subprocess" not in marks and (ours or in_repo):  # a library's own helper (wandb-core) is not ours
                 raise _MarkerError(f"{request.node.nodeid} starts {argv[:4]}... but is not marked "
