@@ -94,7 +94,7 @@ def _launches_are_marked(request, monkeypatch):
             ours = bool(argv) and bool(_PROGRAMS.match(os.path.basename(argv[0])))
             if "-m" in argv[:-1]:
                 ours = ours or argv[argv.index("-m") + 1].startswith(("dpo_lightning", "pip", "torch.distributed"))
-            in_repo = any(("dpo_lightning" in x or str(REPO) in x) and "site-packages" not in x for x in argv)
+            in_repo = any(("dpo_lightning" in x or str(REPO) in x) and "site-packages" not in x for x in argv[1:])
             if "subprocess" not in marks and (ours or in_repo):  # a library's own helper (wandb-core) is not ours
                 raise _MarkerError(f"{request.node.nodeid} starts {argv[:4]}... but is not marked "
                                    "@pytest.mark.subprocess (see pyproject.toml markers)")
