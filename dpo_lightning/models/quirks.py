@@ -33,6 +33,7 @@ import torch
 
 from dpo_lightning.data.layouts import PACKED_UNSHARED, PLAIN, TREE_LAYOUTS
 from dpo_lightning.models.peft import peft_base
+from dpo_lightning.models.vision_plan import VisionPlan, vision_plan
 
 # layouts whose real tokens are those of the plain rows: the MoE router loss averages over every real token, so
 # with it a shared prompt (counted once in prefix_shared / packed) would change its value
@@ -224,6 +225,7 @@ class EnginePlan:
     head_note: str = ""  # how the head rule was found, or why there is none
     layout_note: str = ""  # why tree layouts are off, if they are
     verified: bool = False  # the probe ran (or was switched off) for this model
+    vision: VisionPlan | None = None  # how batches with images run (a vision-language model), else None
 
 
 def attention_plan(base: torch.nn.Module, backbone: torch.nn.Module) -> tuple[set[str], dict[str, int | None],
@@ -303,5 +305,9 @@ def engine_plan(model: torch.nn.Module, router_aux_loss_coef: float | None = Non
         except Exception as exc:  # whatever cannot be read goes to the model's own forward
             plan = fallback_plan(f"{type(base).__name__}: structure not readable ({type(exc).__name__}: {exc})")
     plan.aux, plan.router_logits = aux, router_logits
+    try:
+        plan.vision = vision_plan(base, backbone, plan.layouts)
+    except Exception as exc:  # an unreadable vision structure: images in the plain layout, the model's own forward
+        plan.vision = VisionPlan(image_token_id=None, note=f"{type(exc).__name__}: {exc}")
     base._dpo_engine_plan = plan
     return plan
