@@ -9,12 +9,14 @@ order of the image tokens. The collator's own tensors are checked against the pr
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import needs_for_family, requires_vision
 from PIL import Image
 
-from dpo_lightning.data.layouts import PACKED, PLAIN, PREFIX_SHARED, image_dim, layout_batch
+from dpo_lightning.data.layouts import PACKED, PACKED_UNSHARED, PLAIN, PREFIX_SHARED, image_dim, layout_batch
 from dpo_lightning.engine.logprobs import sequence_logps
 from dpo_lightning.engine.probe import LOW_PRECISION_TOLERANCE, check_images
 from dpo_lightning.models import tiny_vlm
@@ -37,9 +39,9 @@ def _image(seed: int, size=(40, 36)) -> Image.Image:
 
 
 def _pairs(processor, images_per_pair=(1, 2)):
-    """Prompt ids (image tokens expanded), completion ids and the pixel tensors of two pairs."""
+    """Prompt ids (image tokens expanded), completion ids and each pair's pixel tensors, for two pairs."""
     tok = processor.tokenizer
-    prompts, vision_parts = [], []
+    prompts, parts = [], []
     for i, n in enumerate(images_per_pair):
         imgs = [_image(10 * i + k, (40 + 8 * k, 36)) for k in range(n)]
         content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": "what colour is the shape ?"}]
@@ -47,23 +49,27 @@ def _pairs(processor, images_per_pair=(1, 2)):
                                              tokenize=False)
         out = processor(images=imgs, text=[text], add_special_tokens=False, return_tensors="pt")
         prompts.append(out["input_ids"][0].tolist())
-        vision_parts.append({k: v for k, v in out.items() if k not in DROP})
-    vision = {}
-    for key in vision_parts[0]:
-        parts = [p[key] for p in vision_parts]
-        if "pixel_attention_mask" in vision_parts[0] and key in ("pixel_values", "pixel_attention_mask"):
-            parts = [p.flatten(0, 1)[None] for p in parts]  # Idefics3 / SmolVLM: [1, images, ...]
-        vision[key] = torch.cat(parts, dim=image_dim(key, {**vision_parts[0], key: parts[0]}))
+        part = {k: v for k, v in out.items() if k not in DROP}
+        if "pixel_attention_mask" in part:  # Idefics3 / SmolVLM: one row holding every image, [1, images, ...]
+            part = {k: v.flatten(0, 1)[None] if k in ("pixel_values", "pixel_attention_mask") else v
+                    for k, v in part.items()}
+        parts.append(part)
     ids = [[tok(t, add_special_tokens=False)["input_ids"] for t in texts]
            for texts in (["red circle </s>", "two"], ["blue </s>", "three squares . </s>"])]
-    return prompts, ids, vision
+    return prompts, ids, parts
 
 
-def _batch(layout, prompts, completions, vision, pad):
+def _images(parts: list[dict]) -> dict:
+    """The pixel tensors of ``parts`` (one dict per prompt copy) in that order."""
+    return {k: torch.cat([p[k] for p in parts], dim=image_dim(k, parts[0])) for k in parts[0]}
+
+
+def _batch(layout, prompts, completions, parts, pad):
+    """A batch of ``layout`` whose images follow its rows' image tokens: TRL's plain rows read every pair's
+    images for the chosen rows, then again for the rejected; prefix sharing once; packed_unshared per sequence."""
     batch = layout_batch(layout, prompts, completions, pad_token_id=pad)
-    if layout == PLAIN:  # TRL's rows: every pair's images for the chosen rows, then again for the rejected
-        vision = {k: torch.cat([v, v], dim=image_dim(k, vision)) for k, v in vision.items()}
-    batch["vision"] = vision
+    copies = {PLAIN: parts * 2, PACKED_UNSHARED: [p for p in parts for _ in range(2)]}.get(layout, parts)
+    batch["vision"] = _images(copies)
     return batch
 
 
@@ -79,23 +85,23 @@ def _own_plan(model):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_layout_matches_the_models_own_forward(family):
     model, processor = _family(family)
-    prompts, completions, vision = _pairs(processor)
+    prompts, completions, parts = _pairs(processor)
     pad = processor.tokenizer.pad_token_id or 0
     plan = engine_plan(model)
     assert plan.vision is not None and plan.vision.image_token_id is not None
-    assert {PREFIX_SHARED, PACKED} <= plan.vision.layouts, plan.vision.note  # images once per pair
+    assert {PREFIX_SHARED, PACKED, PACKED_UNSHARED} <= plan.vision.layouts, plan.vision.note  # once per pair
     params = [p for p in model.parameters() if p.requires_grad]
 
     def run(layout, own=False):
         model.zero_grad()
-        lp = _logps(model, _batch(layout, prompts, completions, vision, pad), _own_plan(model) if own else plan,
+        lp = _logps(model, _batch(layout, prompts, completions, parts, pad), _own_plan(model) if own else plan,
                     full_logits=own)
         (lp * torch.tensor([1.0, -0.5, 0.25, 2.0])).sum().backward()
         return lp.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
     ref, ref_grads = run(PLAIN, own=True)
     assert torch.isfinite(ref).all()
-    for layout in (PLAIN, PREFIX_SHARED, PACKED):
+    for layout in (PLAIN, PREFIX_SHARED, PACKED, PACKED_UNSHARED):
         got, grads = run(layout)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0, msg=f"{family} {layout}")
         for g, e in zip(grads, ref_grads):  # fp32 sums in another order: 1e-5 of the tensor's own scale
@@ -107,15 +113,15 @@ def test_every_layout_matches_the_models_own_forward(family):
 def test_bf16_within_the_text_paths_tolerance(family):
     model, processor = _family(family)
     model = model.to(torch.bfloat16)
-    prompts, completions, vision = _pairs(processor)
-    vision = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in vision.items()}
+    prompts, completions, parts = _pairs(processor)
+    parts = [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in p.items()} for p in parts]
     pad = processor.tokenizer.pad_token_id or 0
     plan = engine_plan(model)
     with torch.no_grad():
-        ref = _logps(model, _batch(PLAIN, prompts, completions, vision, pad), _own_plan(model), full_logits=True)
+        ref = _logps(model, _batch(PLAIN, prompts, completions, parts, pad), _own_plan(model), full_logits=True)
         atol, rtol = LOW_PRECISION_TOLERANCE
         for layout in (PREFIX_SHARED, PACKED):
-            got = _logps(model, _batch(layout, prompts, completions, vision, pad), plan)
+            got = _logps(model, _batch(layout, prompts, completions, parts, pad), plan)
             # per sequence: the per-token tolerance times the number of scored tokens
             n = torch.tensor([len(c) for comp in completions for c in comp], dtype=torch.float32)
             assert ((got - ref).abs() <= n * atol + rtol * ref.abs()).all(), (family, layout, got, ref)
@@ -127,13 +133,13 @@ def test_the_matrix_can_fail(family, broken):
     """Break one thing the vision plan or the batch gets right and the comparison must see it: 1-D positions for
     Qwen2-VL's multimodal rotary ones, no bidirectional image blocks for Gemma 3, the two pairs' images swapped."""
     model, processor = _family(family)
-    prompts, completions, vision = _pairs(processor, images_per_pair=(1, 1))
+    prompts, completions, parts = _pairs(processor, images_per_pair=(1, 1))
     pad = processor.tokenizer.pad_token_id or 0
     plan = engine_plan(model)
     assert plan.vision is not None
     with torch.no_grad():
-        ref = _logps(model, _batch(PLAIN, prompts, completions, vision, pad), _own_plan(model), full_logits=True)
-        batch = _batch(PREFIX_SHARED, prompts, completions, vision, pad)
+        ref = _logps(model, _batch(PLAIN, prompts, completions, parts, pad), _own_plan(model), full_logits=True)
+        batch = _batch(PREFIX_SHARED, prompts, completions, parts, pad)
         torch.testing.assert_close(_logps(model, batch, plan), ref, atol=1e-5, rtol=0)
         saved = (plan.vision.positions, plan.vision.blocks)
         try:
@@ -142,7 +148,7 @@ def test_the_matrix_can_fail(family, broken):
             elif broken == "blocks":
                 plan.vision.blocks = None
             else:
-                batch["vision"] = {k: v.flip(0) for k, v in vision.items()}
+                batch["vision"] = _images(parts[::-1])
             got = _logps(model, batch, plan)
         finally:
             plan.vision.positions, plan.vision.blocks = saved
@@ -153,16 +159,34 @@ def test_the_probe_turns_images_to_plain_when_they_differ():
     """The first batch with images is compared with the model's own forward; a wrong vision plan is caught and
     that model's batches with images go back to the plain layout (exact again)."""
     model, processor = _family("qwen2_vl")
-    prompts, completions, vision = _pairs(processor, images_per_pair=(1, 1))
+    prompts, completions, parts = _pairs(processor, images_per_pair=(1, 1))
     pad = processor.tokenizer.pad_token_id or 0
     plan = engine_plan(model)
     assert plan.vision is not None
     plan.vision.positions = "1d"  # what an unknown family's position rule would look like
-    batch = _batch(PREFIX_SHARED, prompts, completions, vision, pad)
+    batch = _batch(PREFIX_SHARED, prompts, completions, parts, pad)
     lines = check_images(model, batch, label="policy")
     assert len(lines) == 1 and "with images -> plain" in lines[0], lines
-    assert plan.vision.layouts == {PLAIN}
+    assert not {PREFIX_SHARED, PACKED} & plan.vision.layouts  # the layout the run uses: packed_unshared untouched
     with torch.no_grad():
-        ref = _logps(model, _batch(PLAIN, prompts, completions, vision, pad), _own_plan(model), full_logits=True)
+        ref = _logps(model, _batch(PLAIN, prompts, completions, parts, pad), _own_plan(model), full_logits=True)
         torch.testing.assert_close(_logps(model, batch, plan), ref, atol=1e-5, rtol=0)
     assert check_images(model, batch, label="policy") == []  # once per model
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3", "gemma3"])
+@pytest.mark.parametrize("layout", [PREFIX_SHARED, PACKED, PACKED_UNSHARED])
+def test_a_layout_the_model_does_not_take_runs_as_plain_rows_with_their_images(family, layout):
+    """Where images step aside (the plan lacks the layout), the batch becomes TRL's plain rows, each sequence with
+    its prompt's images: exact again."""
+    model, processor = _family(family)
+    prompts, completions, parts = _pairs(processor)
+    pad = processor.tokenizer.pad_token_id or 0
+    plan = engine_plan(model)
+    assert plan.vision is not None
+    aside = EnginePlan(head=plan.head, layouts=plan.layouts, windows=plan.windows, dict_masks=plan.dict_masks,
+                       vision=replace(plan.vision, layouts={PLAIN}))
+    with torch.no_grad():
+        ref = _logps(model, _batch(PLAIN, prompts, completions, parts, pad), _own_plan(model), full_logits=True)
+        got = _logps(model, _batch(layout, prompts, completions, parts, pad), aside)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
