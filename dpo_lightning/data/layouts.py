@@ -187,4 +187,29 @@ def to_plain(batch: dict[str, Any]) -> dict[str, Any]:
     for t in torch.argsort(seq * (L + 1) + pos).tolist():
         completions[int(seq[t])].append(int(tgt[t]))
     out = plain_layout(prompts, completions, pad_token_id=0)
+    if batch.get("vision"):
+        out["vision"] = _plain_images(batch, seg, S)
     return {**{k: v for k, v in batch.items() if k not in ("position_ids", "segment_ids", "branch_ids")}, **out}
+
+
+def image_dim(key: str, vision: dict[str, Any]) -> int:
+    """The dimension of ``vision[key]`` that lists images: 1 for Idefics3 / SmolVLM's ``pixel_values`` and
+    ``pixel_attention_mask`` ([1, images, ...], one row holding every image), else 0."""
+    pixels = vision.get("pixel_values")
+    if key in ("pixel_values", "pixel_attention_mask") and "pixel_attention_mask" in vision and \
+            pixels is not None and pixels.dim() == 5 and pixels.size(0) == 1:
+        return 1
+    return 0
+
+
+def _plain_images(batch: dict[str, Any], seg: torch.Tensor, sequences: int) -> dict[str, Any]:
+    """A prefix-sharing batch's images (each unit's once, units in order) for its plain rows: sequence s of unit
+    i is s = k * units + i, so the plain rows read the whole block of images once per completion k."""
+    if batch.get("branch_ids") is None:
+        raise ValueError("a packed_unshared batch carries no images (batches with images use plain, "
+                         "prefix_shared or packed)")
+    units = int(seg.unique().ge(0).sum())
+    times = sequences // units
+    vision = batch["vision"]
+    return {k: torch.cat([v] * times, dim=image_dim(k, vision)) if torch.is_tensor(v) else v
+            for k, v in vision.items()}

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from dpo_lightning.models.quirks import EnginePlan, base_model
+from dpo_lightning.engine.vision import block_ids as vision_blocks
+from dpo_lightning.engine.vision import has_images, vision_kwargs
+from dpo_lightning.models.quirks import EnginePlan, backbone_of, base_model
 
 
 def attn_implementation(model: torch.nn.Module) -> str:
@@ -24,15 +26,20 @@ def attn_implementation(model: torch.nn.Module) -> str:
 
 def tree_attention_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor | None = None, *,
                         additive_dtype: torch.dtype | None = None, position_ids: torch.Tensor | None = None,
-                        window: int | None = None) -> torch.Tensor:
+                        window: int | None = None, block_ids: torch.Tensor | None = None) -> torch.Tensor:
     """4D mask [N, 1, L, L] for packed / prefix-shared rows (see the module docstring). Padding (segment -1)
     only sees padding, so no query row is empty (no NaN). Boolean (True = attend) for SDPA, or additive
-    (0 / finfo.min) in ``additive_dtype`` for eager attention."""
+    (0 / finfo.min) in ``additive_dtype`` for eager attention. ``block_ids`` [N, L] (-1: none): tokens of one
+    block in one segment also see each other both ways (a VLM's image tokens or prefix; ``engine/vision.py``),
+    inside the sliding window as the model's own mask does."""
     L = segment_ids.size(1)
     causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids.device).tril_()
-    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask = same & causal
     if branch_ids is not None:
         mask &= (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    if block_ids is not None:
+        mask |= same & (block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] >= 0)
     if window is not None:
         if position_ids is None:
             raise ValueError("a sliding-window tree mask needs position_ids")
@@ -45,11 +52,15 @@ def tree_attention_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor | No
 
 
 def model_inputs(model: torch.nn.Module, batch: dict[str, Any], plan: EnginePlan | None = None) -> dict[str, Any]:
-    """Keyword arguments of the backbone / model forward for any layout of ``collate.py``."""
+    """Keyword arguments of the backbone / model forward for any layout of ``collate.py``, images included
+    (``engine/vision.py``)."""
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
     if batch.get("position_ids") is not None:
         kwargs["position_ids"] = batch["position_ids"]
     seg = batch.get("segment_ids")
+    vplan = plan.vision if plan is not None else None
+    if has_images(batch) and vplan is not None:
+        kwargs.update(vision_kwargs(backbone_of(base_model(model))[0], batch, vplan, tree=seg is not None))
     if seg is None:
         kwargs["attention_mask"] = batch.get("attention_mask")
         return kwargs
@@ -67,8 +78,10 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, Any], plan: EnginePlan
                          f"backend {impl!r} does not take; use attn_implementation=sdpa or data.layout=plain")
     dtype = None if impl == "sdpa" else next(model.parameters()).dtype
     windows = plan.windows if plan is not None and plan.windows else {"full_attention": None}
+    blocks = vision_blocks(vplan.blocks, batch, vplan.image_token_id) if vplan is not None and has_images(batch) \
+        else None
     masks = {kind: tree_attention_mask(seg, branch, additive_dtype=dtype, position_ids=batch.get("position_ids"),
-                                       window=w) for kind, w in windows.items()}
+                                       window=w, block_ids=blocks) for kind, w in windows.items()}
     if plan is not None and plan.dict_masks:
         kwargs["attention_mask"] = masks  # the backbone picks each layer's mask by its layer type
     else:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from dpo_lightning.data.layouts import PLAIN, batch_layout, to_plain
 from dpo_lightning.engine.attention import attn_implementation, model_inputs, tree_attention_mask
+from dpo_lightning.engine.vision import has_images
 from dpo_lightning.models.quirks import (
     AUX_LAYOUTS,
     EnginePlan,
@@ -250,6 +251,8 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_s
     layouts = plan.layouts
     if want_aux:  # the model's own forward computes its router loss from a 2D mask: plain rows only
         layouts = layouts & (AUX_LAYOUTS if params is not None else {PLAIN})
+    if has_images(batch):  # images: the layouts the model takes with them (models/vision_plan.py)
+        layouts = layouts & (plan.vision.layouts if plan.vision is not None else {PLAIN})
     if batch_layout(batch) not in layouts:
         batch = to_plain(batch)
     kwargs = model_inputs(model, batch, plan)

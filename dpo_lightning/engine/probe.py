@@ -167,3 +167,34 @@ def summary(lines: list[str]) -> str | None:
     return "[dpo_lightning] engine, exact path instead of the fast one: " + "; ".join(lines) + \
         " (engine.verify=false skips the probe)"
 
+
+
+def check_images(model: torch.nn.Module, batch: dict, *, label: str, chunk_size: int = 1024,
+                 full_logits: bool = False) -> list[str]:
+    """Once per model, on the first batch with images: that batch in its prefix-sharing layout against the
+    model's own forward on its plain rows (each image given twice, TRL's way). A difference turns the
+    prefix-sharing layouts off for batches with images (``VisionPlan.layouts``); returns the changes."""
+    from dpo_lightning.data.layouts import SHARED_LAYOUTS, to_plain
+
+    plan = engine_plan(model)
+    vision = plan.vision
+    if vision is None or vision.verified:
+        return []
+    vision.verified = True
+    if batch_layout(batch) != PREFIX_SHARED or not set(SHARED_LAYOUTS) & vision.layouts:
+        return []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            own = EnginePlan(head=None, layouts={PLAIN}, vision=vision)
+            ref = _token_logps(model, to_plain(batch), plan=own, full_logits=True)
+            err = _differs(_token_logps(model, batch, plan=plan, chunk_size=chunk_size, full_logits=full_logits),
+                           ref, next(model.parameters()).dtype)
+    finally:
+        model.train(was_training)
+    if err is None:
+        return []
+    vision.layouts = {PLAIN}
+    vision.note = f"log-probs off by {err:.2g} on the first batch with images"
+    return [f"{label}: layout {'/'.join(SHARED_LAYOUTS)} with images -> plain ({vision.note})"]

@@ -33,6 +33,7 @@ import torch
 
 from dpo_lightning.data.layouts import PACKED_UNSHARED, PLAIN, TREE_LAYOUTS
 from dpo_lightning.models.peft import peft_base
+from dpo_lightning.models.vision_plan import VisionPlan, vision_plan
 
 # layouts whose real tokens are those of the plain rows: the MoE router loss averages over every real token, so
 # with it a shared prompt (counted once in prefix_shared / packed) would change its value
@@ -76,7 +77,10 @@ HEAD_RULES: dict[str, Callable[[Any], HeadRule]] = {
                      "granitemoeshared", "minicpm3"), _divide("logits_scaling")),
     "hyperclovax": _multiply("logits_scaling"),
     "falcon_h1": _multiply("lm_head_multiplier"),
+    # image-text-to-text models whose own forward transforms the logits, whatever their text model does
+    "paligemma": _softcap("final_logit_softcapping"),  # read from its text config (Gemma 2: 30; Gemma: none)
 }
+COMPOSITE_HEAD_RULES = {"paligemma"}
 
 # The lines a plain ForCausalLM.forward has between the backbone's output and the loss: logits = lm_head(h).
 STANDARD_HEAD_LINES = {
@@ -140,7 +144,9 @@ def _source(fn) -> str:
 def head_rule(base: torch.nn.Module) -> tuple[HeadRule | None, str]:
     """(the model's logit transform, how it was found); (None, why) when it is not known."""
     cfg = text_config(base)
-    rule = HEAD_RULES.get(getattr(cfg, "model_type", ""))
+    composite = getattr(base.config, "model_type", "")  # a VLM's own rule first (its text config holds the values)
+    rule = HEAD_RULES.get(composite) if composite in COMPOSITE_HEAD_RULES else HEAD_RULES.get(
+        getattr(cfg, "model_type", ""))
     if rule is not None:
         found = rule(cfg)
         return found, f"{cfg.model_type}: {found.describe()}"
@@ -224,6 +230,7 @@ class EnginePlan:
     head_note: str = ""  # how the head rule was found, or why there is none
     layout_note: str = ""  # why tree layouts are off, if they are
     verified: bool = False  # the probe ran (or was switched off) for this model
+    vision: VisionPlan | None = None  # how batches with images run (a vision-language model), else None
 
 
 def attention_plan(base: torch.nn.Module, backbone: torch.nn.Module) -> tuple[set[str], dict[str, int | None],
@@ -303,5 +310,9 @@ def engine_plan(model: torch.nn.Module, router_aux_loss_coef: float | None = Non
         except Exception as exc:  # whatever cannot be read goes to the model's own forward
             plan = fallback_plan(f"{type(base).__name__}: structure not readable ({type(exc).__name__}: {exc})")
     plan.aux, plan.router_logits = aux, router_logits
+    try:
+        plan.vision = vision_plan(base, backbone, plan.layouts)
+    except Exception as exc:  # an unreadable vision structure: images in the plain layout, the model's own forward
+        plan.vision = VisionPlan(image_token_id=None, note=f"{type(exc).__name__}: {exc}")
     base._dpo_engine_plan = plan
     return plan

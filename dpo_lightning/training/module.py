@@ -25,7 +25,7 @@ from dpo_lightning.engine.logprobs import (
     enable_gradient_checkpointing,
     sequence_logps,
 )
-from dpo_lightning.engine.probe import summary, verify
+from dpo_lightning.engine.probe import check_images, summary, verify
 from dpo_lightning.losses.registry import Loss, LossOutput, get_loss
 from dpo_lightning.models.hf import ModelSpec, load_causal_lm
 from dpo_lightning.models.peft import apply_peft
@@ -147,6 +147,19 @@ class PreferenceLitModule(L.LightningModule):
         if line:
             _print_once(line)
 
+    def verify_images(self, batch: dict[str, Any]) -> None:
+        """Once, on the first batch with images: its prefix-sharing layout against the model's own forward on
+        the plain rows, for the policy and the reference (``engine/probe.py``); one line when images step aside."""
+        if not self.engine_verify or not batch.get("vision"):
+            return
+        kw: dict[str, Any] = {"chunk_size": self.chunk_size, "full_logits": self.full_logits}
+        lines = check_images(self.policy, batch, label="policy", **kw)
+        if self.reference.module is not None:
+            lines += check_images(self.reference.module, batch, label="reference", **kw)
+        line = summary(lines)
+        if line:
+            _print_once(line)
+
     def policy_logps(self, batch: dict[str, Any]) -> SeqLogps:
         return sequence_logps(self.policy, batch, batch["num_sequences"], chunk_size=self.chunk_size,
                               full_logits=self.full_logits, softmax_cache_mb=self.softmax_cache_mb,
@@ -164,6 +177,7 @@ class PreferenceLitModule(L.LightningModule):
     def _compute(self, batch: dict[str, Any]):
         """``compute_loss`` and the policy's and live reference's log-probs (``SeqLogps`` / None)."""
         self.verify_engine()
+        self.verify_images(batch)
         reference = self.reference_logps(batch)  # first: its temporaries are freed before the policy's graph
         policy = self.policy_logps(batch)
         inputs, metrics = build_inputs(self.loss_fn, policy, reference, batch)
