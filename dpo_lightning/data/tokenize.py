@@ -217,9 +217,11 @@ def encode_vision(record: dict[str, Any], processor, images: list) -> tuple[list
     """(prompt ids with the image tokens expanded, [completion ids]) of one vision row; ``images``: PIL images."""
     comps = [record["chosen"], record["rejected"]] if "chosen" in record else [record["completion"]]
     prompt, texts = render_vision(processor, record["prompt"], comps, len(images))
-    kwargs = {"images": images} if images else {}
-    prompt_ids = list(processor(text=[prompt], add_special_tokens=False, **kwargs)["input_ids"][0])
     tok = processor.tokenizer
+    if images:
+        prompt_ids = list(processor(text=[prompt], images=images, add_special_tokens=False)["input_ids"][0])
+    else:  # a text row: the tokenizer (PaliGemma's processor refuses a call without images; others equal it)
+        prompt_ids = list(tok(text=prompt, add_special_tokens=False)["input_ids"])
     return prompt_ids, [list(tok(text=t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 

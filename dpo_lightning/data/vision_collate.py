@@ -51,7 +51,11 @@ def pixel_inputs(processor: Any, images: list[bytes]) -> dict[str, torch.Tensor]
         if b not in decoded:
             decoded[b] = imgs.decode(b)
         pil.append(decoded[b])
-    out = processor(images=[pil] if _one_sample(processor) else pil, return_tensors="pt")
+    batch = [pil] if _one_sample(processor) else pil
+    try:
+        out = processor(images=batch, return_tensors="pt")
+    except (TypeError, ValueError):  # a processor that wants text too (InternVL): its image processor alone
+        out = processor.image_processor(batch, return_tensors="pt")
     return {k: v for k, v in out.items()
             if isinstance(v, torch.Tensor) and k not in imgs.NOT_FORWARD and k not in TEXT_KEYS}
 
