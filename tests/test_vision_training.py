@@ -118,3 +118,26 @@ def test_plain_lightning_fit_trains_the_language_model_only(saved, tmp_path):
     assert engine_plan(module.policy).vision.verified
     losses = [v for k, v in trainer.callback_metrics.items() if k.endswith("loss")]
     assert losses and all(torch.isfinite(v) for v in losses), trainer.callback_metrics
+
+
+def test_reference_precompute_with_images_equals_the_live_reference_and_is_keyed_by_image_content(saved, tmp_path):
+    """TRL refuses precomputed reference log-probs for vision data; here one pass fills them, equal to the live
+    reference's, and the cache key follows each image's bytes (rows hold bytes, not paths: a changed image misses)."""
+    from dpo_lightning.reference.cache import compute_reference_logps, rows_fingerprint
+
+    folder = saved("qwen2_vl")
+    module = PreferenceLitModule(model={"name_or_path": str(folder)}, loss="sigmoid")
+    dm = PreferenceDataModule(str(write_pairs(tmp_path / "a")), module_processor(folder), batch_size=4,
+                              val_fraction=0.0, cache_dir=str(tmp_path / "cache"), num_proc=1, max_length=512)
+    dm.setup("fit")
+    rows = list(dm.train_rows)
+    cached = compute_reference_logps(module.policy, rows, dm.collator(), batch_size=2)
+    batch = dm.collator("plain")(rows)
+    with torch.no_grad():
+        live = sequence_logps(module.policy.eval(), batch, batch["num_sequences"]).logps
+    torch.testing.assert_close(cached["ref_chosen_logps"], live[:6], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached["ref_rejected_logps"], live[6:], atol=1e-5, rtol=0)
+
+    changed = [dict(r) for r in rows]
+    changed[0] = {**rows[0], "images": [_png("black")]}
+    assert rows_fingerprint(changed) != rows_fingerprint(rows)

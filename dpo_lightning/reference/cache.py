@@ -102,11 +102,13 @@ def _files_fingerprint(folder: Path) -> str:
 
 
 def rows_fingerprint(rows: list[dict[str, Any]]) -> str:
-    """A hash of the tokenized rows (prompt and completion ids, in order), independent of batch layout."""
+    """A hash of the tokenized rows (prompt and completion ids, in order, and each image's content: its bytes'
+    sha256, never its path), independent of batch layout."""
     h = hashlib.sha256()
     for r in rows:
         comps = (r["chosen_ids"], r["rejected_ids"]) if "chosen_ids" in r else (r["completion_ids"],)
-        h.update(json.dumps([r["prompt_ids"], *comps]).encode())
+        images = [hashlib.sha256(b).hexdigest() for b in r.get("images") or ()]
+        h.update(json.dumps([r["prompt_ids"], *comps] + ([images] if images else [])).encode())
     return h.hexdigest()
 
 
@@ -142,6 +144,8 @@ def compute_reference_logps(model: torch.nn.Module, rows: list[dict[str, Any]], 
             idx = order[s:s + batch_size]
             batch = collator([rows[i] for i in idx])
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            if batch.get("vision"):  # pixel tensors (a vision-language model's batch)
+                batch["vision"] = {k: v.to(device) for k, v in batch["vision"].items()}
             res = sequence_logps(model, batch, batch["num_sequences"], chunk_size=chunk_size)
             B, tok = len(idx), res.token_logps.double()
             sums = res.logps.double().cpu()
@@ -310,7 +314,8 @@ def precompute_reference(reference, datamodule, *, trainer=None, chunk_size: int
             collator = datamodule.collator()
             for rows in todo:
                 values, info = cached_reference_logps(
-                    rows, model, collator, weights=weights, tokenizer=tokenizer_fingerprint(datamodule.tokenizer),
+                    rows, model, collator, weights=weights, tokenizer=tokenizer_fingerprint(
+                        datamodule.processor or datamodule.tokenizer),
                     truncation=dict(datamodule.truncation.__dict__), cache_dir=datamodule.cache_dir,
                     batch_size=max(datamodule.eval_batch_size, datamodule.batch_size),
                     chunk_size=chunk_size, device=device, is_writer=is_writer, barrier=barrier)
