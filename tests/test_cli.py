@@ -17,9 +17,9 @@ FAST = ["logger=csv", "trainer.max_steps=12", "trainer.val_check_interval=6", "d
         "optimizer.lr=1e-3", "print_config=false"]
 
 
-def run(module: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(module: str, *args: str, env: dict | None = None, timeout: int = 300, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", f"dpo_lightning.{module}", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +97,10 @@ def test_default_run_learns_and_logs_wandb_offline(tmp_path):
 
 @pytest.mark.subprocess
 def test_multirun_gives_one_folder_per_job(tmp_path):
+    """Run from outside the checkout, as a user of an editable install does: the sweeper then comes through the
+    install's path hook, not the working directory (Hydra's plugin scan re-runs its base class's module)."""
     res = run("train", "-m", "loss.beta=0.05,0.5", f"paths.log_dir={tmp_path}", "logger=none", "callbacks=none",
-              "trainer.max_steps=2", "eval_before=false", "export=false", "print_config=false")
+              "trainer.max_steps=2", "eval_before=false", "export=false", "print_config=false", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
     configs = sorted(tmp_path.glob("train/multiruns/*/*/config.yaml"))
     assert len(configs) == 2

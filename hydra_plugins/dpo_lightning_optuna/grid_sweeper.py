@@ -14,12 +14,26 @@ from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf
 
 
 class DpoGridSweeper(BasicSweeper):
     """Hydra's basic (grid) sweeper, except that a grid point that does not compose is a failed job recorded in
     the report, and the other jobs run (module docstring)."""
+
+    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None) -> None:
+        # BasicSweeper.__init__ is ``super(BasicSweeper, self).__init__()``: when Hydra's plugin scan re-runs
+        # basic_sweeper after this module imported it (an editable install run from outside the checkout), that
+        # name is a new class and the call fails. The same attributes, set here without it.
+        Sweeper.__init__(self)
+        self.overrides: Any = None
+        self.batch_index = 0
+        self.max_batch_size = max_batch_size
+        self.params = params or {}
+        self.hydra_context: Any = None
+        self.config: Any = None
+        self.launcher: Any = None
 
     def sweep(self, arguments: list[str]) -> Any:
         from hydra.core.override_parser.overrides_parser import OverridesParser
