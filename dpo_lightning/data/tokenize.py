@@ -219,7 +219,9 @@ def encode_vision(record: dict[str, Any], processor, images: list) -> tuple[list
     prompt, texts = render_vision(processor, record["prompt"], comps, len(images))
     tok = processor.tokenizer
     if images:
-        prompt_ids = list(processor(text=[prompt], images=images, add_special_tokens=False)["input_ids"][0])
+        # nested as one sample, as TRL's collator passes them: a family may expand a prompt with several images
+        # apart from one with a single image (LLaVA-OneVision: anyres patches for single images only)
+        prompt_ids = list(processor(text=[prompt], images=[images], add_special_tokens=False)["input_ids"][0])
     else:  # a text row: the tokenizer (PaliGemma's processor refuses a call without images; others equal it)
         prompt_ids = list(tok(text=prompt, add_special_tokens=False)["input_ids"])
     return prompt_ids, [list(tok(text=t, add_special_tokens=False)["input_ids"]) for t in texts]

@@ -27,14 +27,19 @@ from dpo_lightning.data import images as imgs
 from dpo_lightning.data.layouts import PACKED_UNSHARED, SHARED_LAYOUTS
 
 
-def image_order(layout: str, per_prompt: list[list[Any]], k: int) -> list[Any]:
-    """The images of a batch in the order their tokens appear in ``layout``'s rows (module docstring);
-    ``per_prompt[i]``: prompt i's images, ``k``: completions per prompt."""
+def image_groups(layout: str, per_prompt: list[list[Any]], k: int) -> list[list[Any]]:
+    """The images of a batch per prompt copy, the copies in the order their tokens appear in ``layout``'s rows
+    (module docstring); ``per_prompt[i]``: prompt i's images, ``k``: completions per prompt."""
     if layout in SHARED_LAYOUTS:
-        return [b for group in per_prompt for b in group]
+        return [list(group) for group in per_prompt]
     if layout == PACKED_UNSHARED:
-        return [b for group in per_prompt for _ in range(k) for b in group]
-    return [b for _ in range(k) for group in per_prompt for b in group]
+        return [list(group) for group in per_prompt for _ in range(k)]
+    return [list(group) for _ in range(k) for group in per_prompt]
+
+
+def image_order(layout: str, per_prompt: list[list[Any]], k: int) -> list[Any]:
+    """``image_groups`` flattened: every image in token order."""
+    return [b for group in image_groups(layout, per_prompt, k) for b in group]
 
 
 def _one_sample(processor: Any) -> bool:
@@ -43,15 +48,21 @@ def _one_sample(processor: Any) -> bool:
     return "Idefics" in name or "SmolVLM" in name
 
 
-def pixel_inputs(processor: Any, images: list[bytes]) -> dict[str, torch.Tensor]:
-    """The model-forward image tensors of ``images`` (encoded bytes, in token order) from one processor call."""
+def pixel_inputs(processor: Any, images: list) -> dict[str, torch.Tensor]:
+    """The model-forward image tensors of ``images`` (encoded bytes in token order, or one list per prompt copy)
+    from one processor call. Per prompt copy matters where a family treats a prompt with several images apart
+    from one with a single image (LLaVA-OneVision: ``batch_num_images``, anyres patches for single images only)."""
+    groups = [list(g) for g in images if len(g)] if images and isinstance(images[0], (list, tuple)) else \
+        [[b] for b in images]
     decoded: dict[bytes, Any] = {}
     pil = []
-    for b in images:
-        if b not in decoded:
-            decoded[b] = imgs.decode(b)
-        pil.append(decoded[b])
-    batch = [pil] if _one_sample(processor) else pil
+    for group in groups:
+        pil.append([])
+        for b in group:
+            if b not in decoded:
+                decoded[b] = imgs.decode(b)
+            pil[-1].append(decoded[b])
+    batch: Any = [[im for group in pil for im in group]] if _one_sample(processor) else pil
     try:
         out = processor(images=batch, return_tensors="pt")
     except (TypeError, ValueError):  # a processor that wants text too (InternVL): its image processor alone
@@ -101,7 +112,7 @@ class VisionBatcher:
         """``batch`` with ``vision`` (and the type ids) when any prompt has an image; unchanged otherwise."""
         if not any(per_prompt):
             return batch
-        batch["vision"] = pixel_inputs(self.processor, image_order(layout, per_prompt, k))
+        batch["vision"] = pixel_inputs(self.processor, image_groups(layout, per_prompt, k))
         ids = batch["input_ids"]
         real = batch["attention_mask"].bool() if batch["attention_mask"].dim() == 2 else ids.ne(-1)
         for key, rule in self.type_rules().items():
