@@ -186,9 +186,16 @@ def to_plain(batch: dict[str, Any]) -> dict[str, Any]:
         prompts[int(seq[t])] = ids[r, cols].tolist()
     for t in torch.argsort(seq * (L + 1) + pos).tolist():
         completions[int(seq[t])].append(int(tgt[t]))
-    out = plain_layout(prompts, completions, pad_token_id=0)
-    if batch.get("vision"):
-        out["vision"] = _plain_images(batch, seg, S)
+    images = bool(batch.get("vision"))
+    if images and batch.get("branch_ids") is None:  # packed_unshared: one row per segment, its images as they are
+        order = _segment_order(batch, first, L)
+        out = plain_layout([prompts[s] for s in order], [completions[s] for s in order], pad_token_id=0)
+        out["score_seq"] = torch.tensor(order, dtype=torch.long)[out["score_seq"]]
+        out["vision"] = dict(batch["vision"])
+    else:
+        out = plain_layout(prompts, completions, pad_token_id=0)
+        if images:
+            out["vision"] = _plain_images(batch, seg, S)
     return {**{k: v for k, v in batch.items() if k not in ("position_ids", "segment_ids", "branch_ids")}, **out}
 
 
@@ -202,12 +209,16 @@ def image_dim(key: str, vision: dict[str, Any]) -> int:
     return 0
 
 
+def _segment_order(batch: dict[str, Any], first: torch.Tensor, L: int) -> list[int]:
+    """The sequences in the order their segments come in the rows (row-major): the order of their images."""
+    seg, src, seq = batch["segment_ids"], batch["score_src"], batch["score_seq"]
+    where = {int(seq[t]): int(seg.view(-1)[src[t]]) for t in first.tolist()}
+    return sorted(where, key=lambda s: where[s])
+
+
 def _plain_images(batch: dict[str, Any], seg: torch.Tensor, sequences: int) -> dict[str, Any]:
     """A prefix-sharing batch's images (each unit's once, units in order) for its plain rows: sequence s of unit
     i is s = k * units + i, so the plain rows read the whole block of images once per completion k."""
-    if batch.get("branch_ids") is None:
-        raise ValueError("a packed_unshared batch carries no images (batches with images use plain, "
-                         "prefix_shared or packed)")
     units = int(seg.unique().ge(0).sum())
     times = sequences // units
     vision = batch["vision"]

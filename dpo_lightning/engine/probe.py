@@ -171,17 +171,19 @@ def summary(lines: list[str]) -> str | None:
 
 def check_images(model: torch.nn.Module, batch: dict, *, label: str, chunk_size: int = 1024,
                  full_logits: bool = False) -> list[str]:
-    """Once per model, on the first batch with images: that batch in its prefix-sharing layout against the
-    model's own forward on its plain rows (each image given twice, TRL's way). A difference turns the
-    prefix-sharing layouts off for batches with images (``VisionPlan.layouts``); returns the changes."""
+    """Once per model, on the first batch with images in a tree layout: that batch against the model's own
+    forward on its plain rows (each image given once per sequence, TRL's way). A difference turns that kind of
+    layout off for batches with images (``VisionPlan.layouts``); returns the changes."""
     from dpo_lightning.data.layouts import SHARED_LAYOUTS, to_plain
 
     plan = engine_plan(model)
     vision = plan.vision
-    if vision is None or vision.verified:
+    layout = batch_layout(batch)
+    if vision is None or vision.verified or layout == PLAIN:
         return []
     vision.verified = True
-    if batch_layout(batch) != PREFIX_SHARED or not set(SHARED_LAYOUTS) & vision.layouts:
+    kind = set(SHARED_LAYOUTS) if layout == PREFIX_SHARED else {PACKED_UNSHARED}
+    if not kind & vision.layouts:
         return []
     was_training = model.training
     model.eval()
@@ -195,6 +197,6 @@ def check_images(model: torch.nn.Module, batch: dict, *, label: str, chunk_size:
         model.train(was_training)
     if err is None:
         return []
-    vision.layouts = {PLAIN}
+    vision.layouts = vision.layouts - kind
     vision.note = f"log-probs off by {err:.2g} on the first batch with images"
-    return [f"{label}: layout {'/'.join(SHARED_LAYOUTS)} with images -> plain ({vision.note})"]
+    return [f"{label}: layout {'/'.join(sorted(kind))} with images -> plain ({vision.note})"]

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from dpo_lightning.data.layouts import PLAIN, SHARED_LAYOUTS
+from dpo_lightning.data.layouts import PLAIN, SHARED_LAYOUTS, TREE_LAYOUTS
 
 # model_type (the composite config's) -> (blocks rule, token-type rules). Read from each family's modeling code
 # (transformers 5.25): Gemma 3 builds ``block_sequence_ids`` from runs of token type 1 (its image tokens),
@@ -86,6 +86,7 @@ def vision_plan(base: torch.nn.Module, backbone: torch.nn.Module | None, text_la
         plan.positions = "mrope"
     plan.blocks, plan.token_types = blocks, dict(types)
     shared = set(SHARED_LAYOUTS) & text_layouts
+    trees = set(TREE_LAYOUTS) & text_layouts  # packed_unshared too: a prompt and its images once per sequence
     if token_id is None:
         plan.note = f"{model_type}: no image token id in its config"
     elif backbone is None:
@@ -95,5 +96,5 @@ def vision_plan(base: torch.nn.Module, backbone: torch.nn.Module | None, text_la
     elif not shared:
         plan.note = f"{model_type}: its language model takes no tree mask"
     else:
-        plan.layouts = {PLAIN} | shared
+        plan.layouts = {PLAIN} | trees
     return plan
