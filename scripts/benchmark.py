@@ -253,6 +253,8 @@ def worker(args) -> None:
         "+optimizer.kwargs.fused=true", "scheduler=linear", "logger=none", "callbacks=none", f"seed={args.seed}",
         "peft=none",
     ]
+    if data.get("vision"):  # TRL trains the vision tower too (ours freezes it by default): the same parameters
+        overrides.append("model.freeze_vision=false")
     if "engine" not in compose("train", overrides):  # the group exists; train.yaml may not list it yet
         overrides.append("+engine=default")
     cfg = compose("train", overrides + RUNS.get(args.worker, []) + list(args.override or []))
