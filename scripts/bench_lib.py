@@ -34,6 +34,14 @@ SHAPES = {
     "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=False),
 }
+# ``vision``: a tiny Qwen2-VL (``dpo_lightning.models.tiny_vlm``) whose text model is ``small``'s (hidden 256, 4
+# layers, 8 heads, intermediate 1024, untied, the embedding and LM head resized to GPT-2's 50,257 rows like every
+# other shape) with a 2-layer vision tower of width 128; the processor resizes each image to about 320 x 320
+# pixels: 8-pixel patches merged 2 x 2, ~400 image tokens per image.
+VISION_SHAPE = dict(family="qwen2_vl", image_size=320, vocab_size=50257,
+                    text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                              num_key_value_heads=8),
+                    vision=dict(vision_hidden_size=128, vision_num_hidden_layers=2, vision_num_attention_heads=4))
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
 
 
@@ -59,6 +67,64 @@ def data_source(kind: str) -> tuple[str, Path]:
     if shared is None:
         sys.exit("--data hh-rlhf needs ../shared/data (or $DPO_BENCH_DATA); --data builtin runs without it")
     return str(shared / "hh-rlhf-harmless-base-test.jsonl.gz"), shared / "gpt2-tokenizer"
+
+
+# the generated vision pairs (``--shape vision``): coloured shapes on canvases of several sizes, 1 or 2 per pair
+_COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (235, 220, 40),
+            "purple": (140, 40, 180), "orange": (245, 140, 20), "black": (10, 10, 10), "white": (250, 250, 250)}
+_SHAPES = ("circle", "square", "triangle")
+
+
+def draw_shape(w: int, h: int, shape: str, colour: str, background: str):
+    """A PIL image: a filled ``shape`` of ``colour`` on a ``background`` canvas of ``w`` x ``h`` pixels."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (w, h), _COLOURS[background])
+    d = ImageDraw.Draw(img)
+    box = (w // 5, h // 5, w - w // 5, h - h // 5)
+    if shape == "circle":
+        d.ellipse(box, fill=_COLOURS[colour])
+    elif shape == "square":
+        d.rectangle(box, fill=_COLOURS[colour])
+    else:
+        d.polygon([(w // 2, h // 5), (w - w // 5, h - h // 5), (w // 5, h - h // 5)], fill=_COLOURS[colour])
+    return img
+
+
+def vision_records(n: int, seed: int, folder: Path) -> list[dict]:
+    """``n`` seeded vision pairs in TRL's format (an ``images`` column of PNG paths under ``folder``,
+    conversational prompts with one ``{"type": "image"}`` part per image, one-word answers); one pair in three
+    has two images."""
+    rnd = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = list(_COLOURS)
+    out = []
+    for i in range(n):
+        k = 2 if i % 3 == 2 else 1
+        paths = []
+        picked = []
+        for j in range(k):
+            shape, colour = rnd.choice(_SHAPES), rnd.choice(colours)
+            background = rnd.choice([c for c in colours if c != colour])
+            w, h = rnd.choice((64, 96, 128, 160, 224)), rnd.choice((64, 96, 128, 160, 224))
+            path = folder / f"pair{i}-{j}.png"
+            draw_shape(w, h, shape, colour, background).save(path)
+            paths.append(str(path))
+            picked.append((shape, colour))
+        shape, colour = picked[0]
+        wrong = rnd.choice([c for c in colours if c != colour])
+        if k == 2:
+            text, good, bad = "how many shapes are there ?", " two .", " three ."
+        elif i % 2:
+            text, good, bad = "what shape is in the image ?", f" a {shape} .", \
+                f" a {rnd.choice([s for s in _SHAPES if s != shape])} ."
+        else:
+            text, good, bad = "what colour is the shape ?", f" {colour} .", f" {wrong} ."
+        content = [{"type": "image"} for _ in range(k)] + [{"type": "text", "text": text}]
+        out.append({"images": paths, "prompt": [{"role": "user", "content": content}],
+                    "chosen": [{"role": "assistant", "content": [{"type": "text", "text": good}]}],
+                    "rejected": [{"role": "assistant", "content": [{"type": "text", "text": bad}]}]})
+    return out
 
 
 # ------------------------------------------------------------------ the one list of batches
@@ -112,7 +178,9 @@ def check_same_batches(runs: dict[str, dict], expected: list[list[int]]) -> None
 # ------------------------------------------------------------------ FLOPs
 def model_shape(config: dict) -> dict:
     """Parameter counts of a Llama config: ``non_embedding_params`` (the decoder layers and the final norm)
-    and ``matmul_params`` (those plus the LM head: the weights every token multiplies)."""
+    and ``matmul_params`` (those plus the LM head: the weights every token multiplies). A vision-language
+    model's config: its text model's counts (the vision tower's FLOPs are not counted in either utilisation)."""
+    config = config.get("text_config", config)
     H, V, nl, inter = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"], config[
         "intermediate_size"]
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
@@ -212,15 +280,16 @@ def ratios(results: dict[str, dict]) -> dict[str, dict]:
     the check that both ran the same pairs)."""
     mem = "peak_gpu_mb" if any("peak_gpu_mb" in r for r in results.values()) else "peak_rss_mb"
     out = {}
-    for ours in ("ours", "ours_precompute"):
-        for base in ("all_off", "trl", "trl_precompute"):
-            if ours in results and base in results:
-                a, b = results[ours], results[base]
-                out[f"{ours}/{base}"] = {
-                    "pairs_per_s": a["pairs_per_s"] / b["pairs_per_s"],
-                    "tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"],
-                    mem.replace("_mb", ""): a[mem] / b[mem] if a.get(mem) and b.get(mem) else None,
-                }
+    pairs = [(o, b) for o in ("ours", "ours_precompute") for b in ("ours_images_twice", "all_off", "trl",
+                                                                    "trl_precompute")]
+    for ours, base in pairs + [("ours_images_twice", "trl")]:
+        if ours in results and base in results:
+            a, b = results[ours], results[base]
+            out[f"{ours}/{base}"] = {
+                "pairs_per_s": a["pairs_per_s"] / b["pairs_per_s"],
+                "tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"],
+                mem.replace("_mb", ""): a[mem] / b[mem] if a.get(mem) and b.get(mem) else None,
+            }
     return out
 
 

@@ -69,6 +69,7 @@ Figures (per run, then ``ratios``):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -82,6 +83,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lib import (  # noqa: E402
     SHAPES,
+    VISION_SHAPE,
     StepProfiler,
     check_same_batches,
     cuda_bf16_peak,
@@ -94,6 +96,7 @@ from bench_lib import (  # noqa: E402
     shared_data,
     summarize,
     timed_batches,
+    vision_records,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,6 +113,8 @@ def build_model_dir(shape_name: str, data: str) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    if shape_name == "vision":
+        return build_vision_model_dir()
     shape = SHAPES[shape_name]
     name = f"bench-llama-{data}-" + "-".join(f"{k[:3]}{int(v)}" for k, v in shape.items())
     target = cache_dir() / "bench" / name
@@ -129,6 +134,55 @@ def build_model_dir(shape_name: str, data: str) -> Path:
     except OSError:  # a concurrent run saved the same seeded model first
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def build_vision_model_dir() -> Path:
+    """``VISION_SHAPE``'s tiny Qwen2-VL (seed 0) and its processor, saved once with save_pretrained."""
+    from dpo_lightning.models import tiny_vlm
+
+    v = VISION_SHAPE
+    digest = hashlib.sha1(json.dumps(v, sort_keys=True).encode()).hexdigest()[:10]
+    name = "bench-vlm-{family}-img{image_size}-".format(**v) + digest
+    target = cache_dir() / "bench" / name
+    if (target / "config.json").exists():
+        return target
+    model, processor = tiny_vlm.build(v["family"], seed=0, image_size=v["image_size"], **v["text"], **v["vision"])
+    model.resize_token_embeddings(v["vocab_size"], mean_resizing=False)  # GPT-2's rows, as the other shapes
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent))
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # a concurrent run saved the same seeded model first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def prepare_vision_rows(model_dir: Path, max_length: int, batch_size: int, n_batches: int, seed: int, order: str,
+                        out: Path) -> dict:
+    """``prepare_rows`` for ``--shape vision``: ``batch_size * n_batches`` generated pairs with images (PNG files
+    beside ``out``), tokenized by dpo_lightning with the model's processor (TRL 1.16's vision rendering)."""
+    from dpo_lightning.data.cache import tokenize_source
+    from dpo_lightning.data.tokenize import TruncationConfig
+    from dpo_lightning.models.hf import ModelSpec, load_tokenizer
+
+    processor = load_tokenizer(ModelSpec(str(model_dir)))
+    records = vision_records(batch_size * n_batches, seed, out.parent / "images")
+    source = out.with_suffix(".jsonl")  # every pair is timed: the subset is the whole list
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows, dropped, _ = tokenize_source(str(source), "train", processor, TruncationConfig(max_length), paired=True,
+                                       cache_dir=out.parent / "pool-cache", progress=False)
+    if len(rows) != len(records) or not rows.vision:
+        raise RuntimeError(f"the vision pairs did not all tokenize as vision rows ({len(rows)} of {len(records)}, "
+                           f"dropped {dict(dropped)}): is max_length {max_length} below the image tokens?")
+    rows = sorted(rows, key=lambda r: r["index"])
+    lengths = [len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]
+    ids = [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows]
+    batches = timed_batches(lengths, batch_size, n_batches, seed + 1, order)
+    data = {"records": records, "rows": ids, "batches": batches, "dropped": dict(dropped), "vision": True}
+    out.write_text(json.dumps(data))
+    return data
 
 
 def prepare_rows(model_dir: Path, data: str, max_length: int, batch_size: int, n_batches: int, seed: int,
@@ -162,7 +216,7 @@ def warm_tokenization(model_dir: Path, rows_jsonl: Path, max_length: int, folder
     from dpo_lightning.data.tokenize import TruncationConfig
     from dpo_lightning.models.hf import ModelSpec, load_tokenizer
 
-    tok = load_tokenizer(ModelSpec(str(model_dir)))
+    tok = load_tokenizer(ModelSpec(str(model_dir)))  # a processor for the vision shape
     rows, _, _ = tokenize_source(str(rows_jsonl), "train", tok, TruncationConfig(max_length), paired=True,
                                  cache_dir=folder, progress=False)  # the key dpo-train's data module uses
     return rows.folder
@@ -172,6 +226,7 @@ def warm_tokenization(model_dir: Path, rows_jsonl: Path, max_length: int, folder
 RUNS = {
     "ours": [],
     "ours_precompute": ["reference.precompute=true"],
+    "ours_images_twice": ["data.layout=plain"],  # TRL's layout: each pair's prompt (and images) computed twice
     "all_off": ["data.layout=plain", "engine.full_logits=true", "engine.softmax_cache_mb=0",
                 "engine.recompute_pointwise=false"],
 }
@@ -198,6 +253,8 @@ def worker(args) -> None:
         "+optimizer.kwargs.fused=true", "scheduler=linear", "logger=none", "callbacks=none", f"seed={args.seed}",
         "peft=none",
     ]
+    if data.get("vision"):  # TRL trains the vision tower too (ours freezes it by default): the same parameters
+        overrides.append("model.freeze_vision=false")
     if "engine" not in compose("train", overrides):  # the group exists; train.yaml may not list it yet
         overrides.append("+engine=default")
     cfg = compose("train", overrides + RUNS.get(args.worker, []) + list(args.override or []))
@@ -302,18 +359,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=16, help="timed steps (the same batches for every run)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the same batches for every run)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=None, help="default 256 (vision: 1024)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batches", choices=("grouped", "shuffled"), default="grouped",
                    help="how the one batch list is drawn (length-grouped or a plain shuffle)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+    p.add_argument("--shape", choices=sorted([*SHAPES, "vision"]), default=None,
                    help="benchmark model (default: small on CPU, gpu05b on CUDA)")
-    p.add_argument("--data", choices=("hh-rlhf", "builtin"), default=None,
-                   help="HH-RLHF pairs of ../shared/data (default where present) or the built-in short pairs")
+    p.add_argument("--data", choices=("hh-rlhf", "builtin", "vision"), default=None,
+                   help="HH-RLHF pairs of ../shared/data (default where present) or the built-in short pairs; "
+                        "vision (generated pairs with images) goes with --shape vision, and only with it")
     p.add_argument("--peak-flops", type=float, default=None, help="override the peak FLOP/s (CUDA: bf16 dense)")
     p.add_argument("--only", nargs="*", default=None,
-                   help="runs to do: ours ours_precompute all_off trl trl_precompute (default: all available)")
+                   help="runs to do: ours ours_precompute ours_images_twice all_off trl trl_precompute (default: "
+                        "all available; vision: ours ours_images_twice all_off trl)")
     p.add_argument("--trl-python", default=None, help="a python with TRL 1.16 (e.g. /work/trlenv/bin/python)")
     p.add_argument("-o", "--override", action="append", help="Hydra override for our runs (repeatable)")
     p.add_argument("--repeats", type=int, default=1, help="run every configuration this many times (best kept)")
@@ -326,7 +385,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.shape = args.shape or ("gpu05b" if args.device == "cuda" else "small")
-    args.data = args.data or ("hh-rlhf" if shared_data() else "builtin")
+    if (args.shape == "vision") != (args.data == "vision") and args.data is not None:
+        p.error("--data vision goes with --shape vision (and --shape vision with --data vision)")
+    args.data = "vision" if args.shape == "vision" else args.data or ("hh-rlhf" if shared_data() else "builtin")
+    args.max_length = args.max_length or (1024 if args.shape == "vision" else 256)
     return args
 
 
@@ -337,16 +399,23 @@ def main() -> None:
     if args.data == "builtin":
         print("[benchmark] --data builtin: the embedded short pairs, not HH-RLHF (figures are not comparable "
               "with docs/performance.md)", file=sys.stderr)
-    runs = args.only or (["ours", "ours_precompute", "all_off"]
-                         + (["trl", "trl_precompute"] if args.trl_python else []))
+    if args.shape == "vision":  # TRL 1.16 refuses precomputed reference log-probs for vision data
+        runs = args.only or (["ours", "ours_images_twice", "all_off"] + (["trl"] if args.trl_python else []))
+    else:
+        runs = args.only or (["ours", "ours_precompute", "all_off"]
+                             + (["trl", "trl_precompute"] if args.trl_python else []))
     if any(n.startswith("trl") for n in runs) and not args.trl_python:
         sys.exit("--trl-python is needed for the TRL runs")
 
     model_dir = build_model_dir(args.shape, args.data)
     work = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     rows = work / "rows.json"
-    data = prepare_rows(model_dir, args.data, args.max_length, args.batch_size, args.warmup + args.steps, args.seed,
-                        args.batches, rows)
+    if args.shape == "vision":
+        data = prepare_vision_rows(model_dir, args.max_length, args.batch_size, args.warmup + args.steps, args.seed,
+                                   args.batches, rows)
+    else:
+        data = prepare_rows(model_dir, args.data, args.max_length, args.batch_size, args.warmup + args.steps,
+                            args.seed, args.batches, rows)
     timed = data["batches"][args.warmup:]
     shape = model_shape(json.loads((model_dir / "config.json").read_text()))
     warm = warm_tokenization(model_dir, rows.with_suffix(".jsonl"), args.max_length, work / "tokenized")

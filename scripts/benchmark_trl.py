@@ -15,11 +15,18 @@ collator is wrapped to record which pairs each step trained on (checked against 
 whose ids differ from ours is reported as -1 and the driver refuses the comparison). Settings mirror ours: fp32
 on CPU (bf16 weights and ``bf16=True`` on CUDA), 4 pairs per step, max_length 256, sigmoid loss with beta 0.1,
 fused AdamW (TRL's default), gradient clipping 1.0, no gradient checkpointing, no logging to services.
+
+``--shape vision`` (ROWS.json says ``"vision": true``): DIR holds an image-text-to-text model and its processor;
+the records' image paths are opened as PIL images (TRL's vision format), the model loads with
+``AutoModelForImageTextToText`` and TRL picks its ``DataCollatorForVisionPreference`` (tokenization and image
+processing at collate time, every image twice per pair). The pairs' ids are compared with ours by running TRL's
+own collator on each pair alone before training.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -57,11 +64,26 @@ def main() -> None:
     records, ours, batches = data["records"], data["rows"], data["batches"]
     if any(len(b) != args.batch_size for b in batches) or len(batches) != args.warmup + args.steps:
         sys.exit(f"{args.rows}: the batch list does not hold {args.warmup + args.steps} batches of {args.batch_size}")
-    tok = AutoTokenizer.from_pretrained(args.model_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
-                                                 attn_implementation="sdpa")
+    vision = bool(data.get("vision"))
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if vision:  # --shape vision: the processor, an image-text-to-text model, PIL images in the dataset
+        from PIL import Image
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        tok = AutoProcessor.from_pretrained(args.model_dir)
+        model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=dtype, attn_implementation="sdpa")
+
+        def opened(path):
+            with Image.open(path) as img:
+                img.load()
+                return img.copy()
+
+        records = [{**r, "images": [opened(x) for x in r["images"]]} for r in records]
+    else:
+        tok = AutoTokenizer.from_pretrained(args.model_dir)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype, attn_implementation="sdpa")
     peak = None if cuda or args.peak_flops else matmul_peak_flops()
 
     class Timer(TrainerCallback):
@@ -96,19 +118,40 @@ def main() -> None:
     def key(prompt, chosen, rejected):
         return tuple(prompt), tuple(chosen[:L - len(prompt)]), tuple(rejected[:L - len(prompt)])
 
-    theirs = {key(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"])
-              for r in trainer.train_dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])}
     mine = [key(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in ours]
+    inner = trainer.data_collator
+    if vision:
+        # TRL tokenizes vision pairs in its collator (no token ids in its dataset): each pair's ids as TRL's own
+        # collator makes them for that pair alone, keyed by the pair's text, before training (untimed)
+        def text_key(e):  # the pair's texts and pixels (an example read back from the dataset, before collating)
+            texts = [[part.get("text") for m in e[f] for part in (m["content"] if isinstance(m["content"], list)
+                                                                  else [{"text": m["content"]}])]
+                     for f in ("prompt", "chosen", "rejected")]
+            pixels = [hashlib.sha1(img.convert("RGB").tobytes()).hexdigest() for img in e["images"]]
+            return json.dumps([texts, pixels])
+
+        by_text = {}
+        for e in trainer.train_dataset:  # fresh dicts: TRL's collator may rewrite them
+            k = text_key(e)
+            one = inner([e])
+            real = one["attention_mask"].bool()
+            seqs = [one["input_ids"][i][real[i]].tolist() for i in range(2)]
+            n_prompt = int((~one["completion_mask"][0][real[0]].bool()).sum())
+            by_text[k] = key(seqs[0][:n_prompt], seqs[0][n_prompt:], seqs[1][n_prompt:])
+        theirs = set(by_text.values())
+    else:
+        theirs = {key(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"])
+                  for r in trainer.train_dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])}
     match = len(theirs & set(mine)) / max(len(mine), 1)
 
     # what each step trains on: the wrapped collator records the pairs' ids and the collated batch's positions
     seen: list[tuple[list, int, int]] = []
-    inner = trainer.data_collator
 
     def recording_collator(examples):
+        keys = ([by_text[text_key(e)] for e in examples] if vision  # before TRL's collator rewrites the messages
+                else [key(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) for e in examples])
         batch = inner(examples)
-        seen.append(([key(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) for e in examples],
-                     int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
+        seen.append((keys, int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
         return batch
 
     trainer.data_collator = recording_collator
