@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 TESTS = Path(__file__).resolve().parent
@@ -128,3 +129,39 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ------------------------------------------------------------------ vision-language models
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+# The tiny image-text-to-text models (models/tiny_vlm.py) are built for transformers 5 (its processors, named extra
+# special tokens); CI's lowest environment (transformers 4.57) skips every vision test with this marker.
+requires_vision = pytest.mark.skipif(_transformers_major() < 5, reason="vision models need transformers >= 5")
+
+
+def needs_for_family(family: str) -> None:
+    """Skip unless the family's processor can be built here: torchvision for the families that need it,
+    num2words for SmolVLM's processor."""
+    from dpo_lightning.models.tiny_vlm_families import FAMILY_SPECS
+
+    if FAMILY_SPECS[family].needs_torchvision:
+        pytest.importorskip("torchvision")
+    if family == "smolvlm":
+        pytest.importorskip("num2words")
+
+
+def shape_image(side: int = 40, colour: str = "red", size: tuple[int, int] | None = None):
+    """A generated PIL image: a coloured disc on white."""
+    from PIL import Image, ImageDraw
+
+    w, h = size or (side, side)
+    im = Image.new("RGB", (w, h), "white")
+    ImageDraw.Draw(im).ellipse([2, 2, w - 3, h - 3], fill=colour)
+    return im
+
+
+VISION_PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the shape ?"}]}]

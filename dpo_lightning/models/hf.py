@@ -115,6 +115,10 @@ def _from_pretrained(load, spec: ModelSpec, what: str, *args, **kwargs):
 
 def resolve_path(spec: ModelSpec) -> str:
     """A path ``from_pretrained`` can read: builtin models are materialized on disk first."""
+    if spec.name_or_path.startswith("builtin:tiny-vlm"):
+        from dpo_lightning.models import tiny_vlm
+
+        return str(tiny_vlm.materialize(spec.name_or_path.split(":", 1)[1], **dict(spec.tiny or {})))
     if spec.name_or_path.startswith("builtin:"):
         from dpo_lightning.models.tiny import materialize
 

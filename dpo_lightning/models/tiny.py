@@ -44,17 +44,20 @@ def default_vocab() -> list[str]:
     return SPECIALS + sorted(words - set(SPECIALS))
 
 
-def build_tokenizer():
-    """A word-level fast tokenizer (whitespace + punctuation split) with EOS, PAD and a chat template."""
+def build_tokenizer(words: list[str] | None = None, **special_kwargs):
+    """A word-level fast tokenizer (whitespace + punctuation split) with EOS, PAD and a chat template.
+
+    ``words`` replaces ``default_vocab()`` (the specials first); ``special_kwargs`` go to the tokenizer's
+    constructor (the vision models pass their named image tokens as ``extra_special_tokens``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(default_vocab())}
+    vocab = {tok: i for i, tok in enumerate(words or default_vocab())}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
-                                  unk_token="<unk>", pad_token="<pad>")
+                                  unk_token="<unk>", pad_token="<pad>", **special_kwargs)
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
