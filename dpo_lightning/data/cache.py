@@ -10,7 +10,12 @@ formats row lists) in chunks to ``num_proc`` processes (default: every core), wh
 tokenize them (``checks.py`` on one encoding per row; ``formats.py``, ``tokenize.py``: TRL's semantics,
 unchanged); the parent merges each chunk's check results in row order (``DataValidator.absorb``: counts,
 the first error, duplicates across chunks) and appends its arrays to the entry as it comes back, so memory
-stays flat whatever the size, and a progress bar shows rows/s. Concurrent misses (the ranks of a node) take the
+stays flat whatever the size, and a progress bar shows rows/s.
+
+A vision source (a processor, ``images.is_processor``, and an ``images`` / ``image`` column) is read whole in
+the parent, each image as its bytes (``images.resolve_rows``), and keyed by its rows with every image as the
+sha256 of its bytes, never its path (the same image elsewhere hits, a rewritten one misses); its entry keeps
+the images' bytes (``store.py``). A processor with a text-only source tokenizes it with its tokenizer as text. Concurrent misses (the ranks of a node) take the
 entry's file lock (``files/disk_cache.py``): one tokenizes, the others wait and hit.
 """
 
@@ -37,9 +42,17 @@ from dpo_lightning.data.cache_keys import (
 )
 from dpo_lightning.data.checks import ChunkContext, check_chunk
 from dpo_lightning.data.formats import DataError, load_records, parse_jsonl_line
+from dpo_lightning.data.images import (
+    base_folder,
+    has_images,
+    image_token_ids,
+    is_processor,
+    resolve_rows,
+    text_tokenizer,
+)
 from dpo_lightning.data.store import StoreWriter, TokenRows, load_store
 from dpo_lightning.data.tokenize import TruncationConfig, split_prompt, tokenize_records, truncate
-from dpo_lightning.data.validate import DataValidator, first_kind, is_unpaired_file
+from dpo_lightning.data.validate import VISION_REASONS, DataValidator, first_kind, is_unpaired_file
 from dpo_lightning.files.atomic import remove_path
 from dpo_lightning.files.disk_cache import file_lock
 
@@ -60,13 +73,20 @@ def _flat(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return lens, np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32, count=int(lens.sum()))
 
 
-def _arrays(rows: list[tuple[int, list, list, list, bool]], paired: bool) -> dict[str, Any]:
-    """Rows as (index, prompt ids, a ids, b ids, label) into the flat arrays of a chunk."""
+def _arrays(rows: list[tuple], paired: bool) -> dict[str, Any]:
+    """Rows as (index, prompt ids, a ids, b ids, label[, images]) into the flat arrays of a chunk; a vision
+    source's chunk also holds its rows' images (``img_count`` per row, ``img_len`` per image, ``img`` bytes)."""
     out: dict[str, Any] = {"index": np.array([r[0] for r in rows], dtype=np.int64),
                            "label": np.array([r[4] for r in rows], dtype=bool)}
     for k, f in enumerate(("prompt", "a", "b"), start=1):
-        out[f"{f}_len"], out[f] = _flat([r[k] for r in rows])  # type: ignore[misc]  # r[1..3]: id lists
+        out[f"{f}_len"], out[f] = _flat([r[k] for r in rows])
     out["pair"] = out["index"] // 2 if _STATE.get("split_pairs") else out["index"]
+    if _STATE.get("vision"):
+        images = [list(r[5]) if len(r) > 5 else [] for r in rows]
+        out["img_count"] = np.array([len(x) for x in images], dtype=np.int64)
+        flat = [b for x in images for b in x]
+        out["img_len"] = np.array([len(b) for b in flat], dtype=np.int64)
+        out["img"] = np.frombuffer(b"".join(flat), dtype=np.uint8)
     return out
 
 
@@ -77,22 +97,23 @@ def _work(task: tuple[str, int, list]) -> dict[str, Any]:
     s = _STATE
     if s["ctx"] is None:  # records already normalized and checked (``tokenize_cached``)
         recs, dropped = tokenize_records(payload, s["tokenizer"], s["cfg"])
-        out = _arrays([(r["index"] + start, r["prompt_ids"], r.get("chosen_ids", r.get("completion_ids")),  # type: ignore[misc]
+        out = _arrays([(r["index"] + start, r["prompt_ids"], r.get("chosen_ids", r.get("completion_ids")),
                         r.get("rejected_ids", []), bool(r.get("label", False))) for r in recs], s["paired"])
         return {**out, "n": len(payload), "dropped": dict(dropped), "check": None}
     check = check_chunk(payload, start, s["ctx"], lines=kind == "jsonl")
-    rows: list[tuple[int, list, list, list, bool]] = []
+    rows: list[tuple] = []
     dropped = Counter()
     for i, rec, ((prompt_full, full), (p, cs)) in check.kept:
+        images = rec.get("images") or []
         if not s["split_pairs"]:
-            rows.append((i, p, cs[0], cs[1] if len(cs) == 2 else [], bool(rec.get("label", False))))
+            rows.append((i, p, cs[0], cs[1] if len(cs) == 2 else [], bool(rec.get("label", False)), images))
             continue
         for k in (0, 1):  # rows 2i, 2i+1: pair i's chosen (label True) and rejected, each truncated alone
-            pk, ck = truncate(*split_prompt(prompt_full, [full[k]]), s["cfg"])
+            pk, ck = truncate(*split_prompt(prompt_full, [full[k]]), s["cfg"], s["ctx"].image_ids)
             if pk is None:
                 dropped[ck] += 1
             else:
-                rows.append((2 * i + k, pk, ck[0], [], k == 0))
+                rows.append((2 * i + k, pk, ck[0], [], k == 0, images))
     check.kept = []  # the ids travel as arrays
     return {**_arrays(rows, s["paired"]), "n": len(payload), "dropped": dict(dropped), "check": check}
 
@@ -104,6 +125,10 @@ def _without(out: dict[str, Any], gone: set[int]) -> dict[str, Any]:
     for f in ("prompt", "a", "b"):
         new[f] = out[f][np.repeat(keep, out[f"{f}_len"])]
         new[f"{f}_len"] = out[f"{f}_len"][keep]
+    if "img" in out:
+        per_image = np.repeat(keep, out["img_count"])
+        new["img"] = out["img"][np.repeat(per_image, out["img_len"])]
+        new["img_len"], new["img_count"] = out["img_len"][per_image], out["img_count"][keep]
     return new
 
 
@@ -160,7 +185,7 @@ def _build(folder: Path, tasks: Iterator, total: int | None, state: dict[str, An
            progress: bool, desc: str, validator: DataValidator | None = None) -> None:
     """Run ``tasks`` through the workers (in order, a bounded number in flight) into a new entry; with a
     ``validator``, each chunk's check results are merged in row order and the report is stored with it."""
-    writer = StoreWriter(folder)
+    writer = StoreWriter(folder, vision=bool(state.get("vision")))
     seen = [0]
     try:
         with _progress(total, desc, progress) as advance:
@@ -272,12 +297,29 @@ def tokenize_source(source: str, split: str, tokenizer, cfg: TruncationConfig, *
     pairs were split).
     """
     validator = validator or DataValidator()
-    fingerprint = source_fingerprint(source)
-    records = load_records(source, split) if fingerprint is None else None
-    if records is not None:
-        fingerprint = "rows:" + records_fingerprint(records)
+    vision = False
+    records: list[dict[str, Any]] | None
+    fingerprint: str | None
+    if is_processor(tokenizer):  # vision rows when the source has an image column, else text with its tokenizer
+        records = load_records(source, split)
+        vision = any(has_images(r) for r in records)
+        if vision:
+            records = resolve_rows(records, base_folder(source))  # images as bytes: the key hashes them
+            fingerprint = "vision:" + records_fingerprint(records)
+        else:
+            tokenizer = text_tokenizer(tokenizer)
+            fingerprint = source_fingerprint(source) or "rows:" + records_fingerprint(records)
+            if not fingerprint.startswith("rows:"):
+                records = None
+    else:
+        fingerprint = source_fingerprint(source)
+        records = load_records(source, split) if fingerprint is None else None
+        if records is not None:
+            fingerprint = "rows:" + records_fingerprint(records)
+    policies = validator.policies if vision else {k: v for k, v in validator.policies.items()
+                                                  if k not in VISION_REASONS}  # text keys as before
     key = cache_key("source", fingerprint, split, paired, tokenizer_fingerprint(tokenizer), cfg.__dict__,
-               validator.policies)
+                    policies)
     where = str(source)
     path = Path(where).expanduser()
 
@@ -295,8 +337,9 @@ def tokenize_source(source: str, split: str, tokenizer, cfg: TruncationConfig, *
         if paired is True and kind is False:
             raise DataError(f"{source}: the loss needs paired rows (prompt/chosen/rejected); this file has "
                             "unpaired rows (prompt/completion/label)")
-        ctx = ChunkContext(where, validator.policies, tokenizer, cfg, unpaired, kind)
-        state = {"tokenizer": tokenizer, "cfg": cfg, "where": where, "ctx": ctx,
+        ctx = ChunkContext(where, validator.policies, tokenizer, cfg, unpaired, kind, vision=vision,
+                           image_ids=image_token_ids(tokenizer) if vision else frozenset())
+        state = {"tokenizer": tokenizer, "cfg": cfg, "where": where, "ctx": ctx, "vision": vision,
                  "split_pairs": paired is False and bool(kind), "paired": bool(kind) and paired is not False}
         total = _count_rows(path) if stream else len(raw)
         validator.begin(where)

@@ -23,7 +23,18 @@ _CALL_STATE = re.compile(r'"truncation":(null|\{[^{}]*\}),"padding":(null|\{[^{}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything about the tokenizer that changes token ids."""
+    """A hash of everything about the tokenizer that changes token ids; for a processor, its tokenizer's and
+    the processor's own settings (image processor, image tokens, chat template)."""
+    from dpo_lightning.data.images import is_processor
+
+    if is_processor(tokenizer):
+        h = hashlib.sha256(tokenizer_fingerprint(tokenizer.tokenizer).encode())
+        try:
+            h.update(tokenizer.to_json_string().encode())
+        except (TypeError, ValueError, AttributeError):
+            h.update(repr(type(tokenizer)).encode())
+        h.update(repr(getattr(tokenizer, "chat_template", None)).encode())
+        return "processor:" + h.hexdigest()
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # without the call-time truncation/padding state that encoding sets and clears
@@ -66,8 +77,14 @@ def source_fingerprint(source: str | Path) -> str | None:
 
 
 def records_fingerprint(records: list[dict[str, Any]]) -> str:
+    """A hash of rows' content; images (``images``, already read as bytes) by the sha256 of their bytes, so the
+    same image at another path is the same row and a changed image at the same path another."""
+    from dpo_lightning.data.images import image_digest
+
     h = hashlib.sha256()
     for r in records:
+        if isinstance(r, dict) and isinstance(r.get("images"), list):
+            r = {**r, "images": [image_digest(b) for b in r["images"]]}
         h.update(json.dumps(r, sort_keys=True, default=str).encode() + b"\n")
     return h.hexdigest()
 

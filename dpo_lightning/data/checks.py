@@ -10,6 +10,11 @@ hash of each row that reaches the duplicate check go back to the parent, which a
 (``DataValidator.absorb``): it counts, keeps the example rows, raises the first ``error`` of the source, and
 decides ``duplicate_pair`` across chunks (the first occurrence is kept). ``stage`` 0 events come before the
 duplicate check, stage 1 after it (a duplicate that is dropped never reaches them).
+
+Vision sources (``ctx.vision``: a processor in ``ctx.tokenizer`` and rows whose images ``images.py`` has already
+read as bytes) add three reasons: ``image_unreadable`` (an image that cannot be read or decoded, naming the field
+``images[j]``), ``image_count_mismatch`` (image parts / placeholders in the prompt != images given) and
+``image_tokens_exceed_budget`` (the prompt's image tokens alone leave no room within ``max_length``).
 """
 
 from __future__ import annotations
@@ -19,9 +24,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_lightning.data.formats import DataError, is_messages, normalize
+from dpo_lightning.data import images as imgs
+from dpo_lightning.data.formats import DataError, is_messages, message_text, normalize
 from dpo_lightning.data.formats import parse_jsonl_line as parse_line
-from dpo_lightning.data.tokenize import TruncationConfig, encode_records, split_prompt, truncate
+from dpo_lightning.data.tokenize import (
+    TruncationConfig,
+    count_placeholders,
+    encode_records,
+    encode_vision,
+    prepare_messages,
+    split_prompt,
+    truncate,
+)
 
 Event = tuple[int, int, "str | None", str]  # (row, stage, reason or None for a plain error, detail)
 
@@ -36,6 +50,8 @@ class ChunkContext:
     truncation: TruncationConfig | None = None
     unpaired_file: bool = False  # decided by the source's first row: every row is read as unpaired
     paired_kind: bool | None = None  # the kind of the source's first readable row (None: learn it here)
+    vision: bool = False  # rows carry images (as bytes); ``tokenizer`` is the processor
+    image_ids: frozenset[int] = frozenset()  # ids of image tokens (never truncated)
 
 
 @dataclass
@@ -48,26 +64,39 @@ class ChunkResult:
 
 
 def _texts(value: Any) -> list[str]:
-    return [m["content"] for m in value] if is_messages(value) else [value] if isinstance(value, str) else []
+    return [message_text(m) for m in value] if is_messages(value) else [value] if isinstance(value, str) else []
 
 
 def pair_hash(rec: dict) -> int:
-    """A 64-bit hash of a row's content: (prompt, chosen, rejected), or (prompt, completion, label)."""
+    """A 64-bit hash of a row's content: (prompt, chosen, rejected), or (prompt, completion, label); with its
+    images' digests when it has images."""
     fields = ("prompt", "chosen", "rejected") if "chosen" in rec else ("prompt", "completion", "label")
-    key = repr(tuple(rec[f] for f in fields)).encode()
+    parts = tuple(rec[f] for f in fields)
+    if rec.get("images"):
+        parts += tuple(imgs.image_digest(b) for b in rec["images"])
+    key = repr(parts).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little", signed=True)
 
 
 def special_tokens(tokenizer) -> list[str]:
+    """The special tokens a text must not contain; for a processor, those of its tokenizer less the image
+    placeholders and the tokens images expand to (a text prompt marks its images so)."""
     if tokenizer is None:
         return []
-    return sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len, reverse=True)
+    tok = imgs.text_tokenizer(tokenizer)
+    found = {t for t in getattr(tok, "all_special_tokens", []) if t}
+    if imgs.is_processor(tokenizer):
+        image_ids = imgs.image_token_ids(tokenizer)
+        found = {t for t in found if tok.convert_tokens_to_ids(t) not in image_ids} - {imgs.placeholder(tokenizer)}
+    return sorted(found, key=len, reverse=True)
 
 
 class _Checker:
     def __init__(self, ctx: ChunkContext, out: ChunkResult):
         self.ctx, self.out = ctx, out
-        self.specials, self.eos = special_tokens(ctx.tokenizer), getattr(ctx.tokenizer, "eos_token", None)
+        self.specials = special_tokens(ctx.tokenizer)
+        self.eos = None if ctx.vision else getattr(imgs.text_tokenizer(ctx.tokenizer), "eos_token", None)
+        self.placeholder = imgs.placeholder(ctx.tokenizer) if ctx.vision else None
 
     def flag(self, i: int, stage: int, reason: str, detail: str) -> bool:
         """Record ``reason`` for row ``i``; True when the row stops here (``drop`` or ``error``)."""
@@ -83,6 +112,13 @@ class _Checker:
             reason = "missing_field" if "missing field" in detail else "non_string_field"
             self.flag(i, 0, reason, detail)  # error, or drop (never keep: NO_KEEP)
             return None
+        if self.ctx.vision and "images" in rec and not self.images(i, rec, row):
+            return None
+        if not self.ctx.vision and rec.pop("images", None) and self.ctx.tokenizer is not None:
+            self.out.events.append((i, 0, None, f"{self.ctx.where}: row {i}: field 'images': the row has images, "
+                                   "which a text tokenizer cannot read; give the model's processor (a "
+                                   "vision-language model) instead of its tokenizer"))
+            return None
         kind = "chosen" in rec
         if start_kind[0] is None:
             start_kind[0] = kind
@@ -94,7 +130,7 @@ class _Checker:
             value = rec[f]
             empty = (not value) if isinstance(value, list) else not value.strip()
             if f != "prompt" and isinstance(value, list):
-                empty = empty or not any(m["content"].strip() for m in value)
+                empty = empty or not any(message_text(m).strip() for m in value)
             if empty and self.flag(i, 0, "empty_field", f"field {f!r} is empty"):
                 return None
         if kind:
@@ -112,6 +148,29 @@ class _Checker:
                     return None
         return rec
 
+    def images(self, i: int, rec: dict, row: Any) -> bool:
+        """The vision reasons of a row's images; False when the row stops."""
+        column = "image" if isinstance(row, dict) and row.get("image_column") == "image" else "images"
+        for j, data in enumerate(rec["images"]):
+            problem = imgs.check_decodable(data)
+            if problem is not None:
+                field = "image" if column == "image" else f"images[{j}]"
+                if self.flag(i, 0, "image_unreadable", f"field {field!r}: {problem}"):
+                    return False
+        n, prompt = len(rec["images"]), rec["prompt"]
+        if isinstance(prompt, list):
+            found = count_placeholders(prepare_messages(prompt, n), None)
+        else:
+            found = count_placeholders(prompt, self.placeholder)
+            if found == 0 and imgs.adds_image_tokens_itself(self.ctx.tokenizer):
+                found = n
+        if found != n:
+            mark = "image parts" if isinstance(prompt, list) else f"{self.placeholder!r} placeholders"
+            if self.flag(i, 0, "image_count_mismatch", f"field 'prompt': {found} {mark} for {n} image(s) in "
+                                                       f"field {column!r}"):
+                return False
+        return True
+
     def tokens(self, i: int, rec: dict, encoded) -> Any:
         """The row's (prompt ids, [completion ids]) after truncation, or None when a token-level reason stops it."""
         prompt_full, full = encoded
@@ -122,7 +181,12 @@ class _Checker:
             return None
         cfg = self.ctx.truncation
         assert cfg is not None  # check_chunk tokenizes only with a truncation config
-        p, cs = truncate(prompt_ids, comp_ids, cfg)
+        p, cs = truncate(prompt_ids, comp_ids, cfg, self.ctx.image_ids)
+        if p is None and cs == "image_tokens_exceed_budget":
+            n = sum(imgs.protected_positions(prompt_ids, self.ctx.image_ids))
+            self.flag(i, 1, cs, f"field 'prompt': its {n} image tokens leave no room for a completion token within "
+                                f"data.max_length={cfg.max_length}")
+            return None
         if p is None and cs == "prompt_fills_max_length":
             self.flag(i, 1, cs, f"field 'prompt': {len(prompt_ids)} tokens leave no room for a completion "
                                 f"within data.max_length={cfg.max_length}")
@@ -168,7 +232,13 @@ def check_chunk(rows: list, start: int, ctx: ChunkContext, *, lines: bool = Fals
                                "text fields or a model whose tokenizer has one"))
             continue
         encodable.append((i, rec))
-    encoded = encode_records([rec for _, rec in encodable], tok)
+    if ctx.vision:
+        encoded = []
+        for _, rec in encodable:
+            prompt_ids, comps = encode_vision(rec, tok, [imgs.decode(b) for b in rec.get("images") or []])
+            encoded.append((prompt_ids, [prompt_ids + c for c in comps]))
+    else:
+        encoded = encode_records([rec for _, rec in encodable], tok)
     for (i, rec), enc in zip(encodable, encoded):
         ids = checker.tokens(i, rec, enc)
         if ids is not None:

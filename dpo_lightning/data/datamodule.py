@@ -25,6 +25,7 @@ from dpo_lightning.data.cache import tokenize_cached, tokenize_source, tokenizer
 from dpo_lightning.data.collate import PreferenceCollator, UnpairedCollator
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.data.from_module import adopt_loss_settings
+from dpo_lightning.data.images import is_processor, text_tokenizer
 from dpo_lightning.data.layouts import PACKED_UNSHARED, PLAIN, PREFIX_SHARED, check_layout
 from dpo_lightning.data.sampler import LengthGroupedSampler, ResumableDataLoader
 from dpo_lightning.data.split import held_out_mask
@@ -41,7 +42,9 @@ class PreferenceDataModule(L.LightningDataModule):
 
     Args:
         path: JSONL/JSON/Parquet/CSV file, saved ``datasets`` folder, or hub dataset id.
-        tokenizer: a tokenizer, or a hub id / path / ``ModelSpec`` to load it from.
+        tokenizer: a tokenizer, or a hub id / path / ``ModelSpec`` to load it from; or a vision-language model's
+            processor (rows with an ``images`` / ``image`` column are then tokenized with it, their images kept
+            and given to the collator; ``tokenizer`` is then its text tokenizer, ``processor`` the processor).
         val_path: held-out data; otherwise ``val_fraction`` of the prompts of ``path`` is held out (seeded;
             every row of a held-out prompt, so no held-out prompt is trained on: ``split.py``).
         batch_size: pairs per device step (rows for unpaired data; split pairs and KTO rows travel in units
@@ -100,6 +103,16 @@ class PreferenceDataModule(L.LightningDataModule):
 
     @property
     def tokenizer(self):
+        """The text tokenizer (of the processor, when one was given): pad and EOS ids, the export."""
+        return text_tokenizer(self._processing_class())
+
+    @property
+    def processor(self):
+        """The processor given in place of a tokenizer (vision data), or None."""
+        p = self._processing_class()
+        return p if is_processor(p) else None
+
+    def _processing_class(self):
         from dpo_lightning.models.hf import ModelSpec, load_tokenizer
 
         if isinstance(self._tokenizer, (str, Path, ModelSpec)):
@@ -124,7 +137,7 @@ class PreferenceDataModule(L.LightningDataModule):
             self._tokenizer = self._tokenizer_source
 
     def _tokenize(self, source: str, split: str) -> TokenRows:
-        rows, dropped, split_pairs = tokenize_source(source, split, self.tokenizer, self.truncation,
+        rows, dropped, split_pairs = tokenize_source(source, split, self._processing_class(), self.truncation,
                                                      paired=self.paired, validator=self.validator,
                                                      num_proc=self.num_proc, cache_dir=self.cache_dir)
         self.from_pairs = self.from_pairs or split_pairs
@@ -185,10 +198,11 @@ class PreferenceDataModule(L.LightningDataModule):
     def collator(self, layout: str | None = None) -> PreferenceCollator | UnpairedCollator:
         pad = self.pad_token_id
         layout = layout or self.layout
+        processor = self.processor  # None for a tokenizer; rows without images collate as text either way
         if self.train_rows and "completion_ids" in self.train_rows[0]:
             return UnpairedCollator(pad, self.pad_to_multiple_of, kl_pairs=bool(self.kl_pairs), layout=layout,
-                                    from_pairs=self.from_pairs)
-        return PreferenceCollator(pad, self.pad_to_multiple_of, layout=layout)
+                                    from_pairs=self.from_pairs, processor=processor)
+        return PreferenceCollator(pad, self.pad_to_multiple_of, layout=layout, processor=processor)
 
     def row_lengths(self, rows: Sequence[dict[str, Any]]) -> list[int]:
         """Tokens each row puts through the model in this layout (the sampler's grouping key)."""

@@ -7,6 +7,10 @@ Three input shapes are accepted, each row checked:
                        turn (Anthropic HH-RLHF): the prompt is extracted (``extract_prompt``)
 * conversational       any of the fields above as lists of ``{"role", "content"}`` messages
 * unpaired (KTO)       ``{"prompt", "completion", "label": bool}``
+* vision (TRL)         any of the above with an ``images`` (list) or ``image`` column; a message's content may
+                       then be a list of parts ``{"type": "text", "text": str}`` / ``{"type": "image"}``, and a
+                       text prompt marks its images with the model's placeholder (``<image>``). The images are
+                       read as bytes (``images.py``) and carried as the record's ``images``.
 
 A structural problem (missing field, wrong type) raises ``DataError`` naming the file, row and field.
 """
@@ -124,6 +128,23 @@ def is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
+def message_text(message: dict) -> str:
+    """A message's text: its content, or the text of its parts (a multimodal content list)."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+def _is_content(content: Any) -> bool:
+    """Text, or a list of {"type": "text", "text": str} / {"type": "image"} parts."""
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(
+        isinstance(p, dict) and (p.get("type") == "image" or (p.get("type") == "text" and isinstance(p.get("text"), str)))
+        for p in content)
+
+
 def _check_field(row: dict, field: str, where: str, i: int) -> None:
     if field not in row or row[field] is None:
         raise DataError(f"{where}: row {i}: missing field {field!r} (row has {sorted(row)})")
@@ -132,9 +153,9 @@ def _check_field(row: dict, field: str, where: str, i: int) -> None:
         return
     if isinstance(value, list) and value:
         for j, m in enumerate(value):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and _is_content(m.get("content"))):
                 raise DataError(f"{where}: row {i}: field {field!r}: message {j} must be "
-                                "{'role': str, 'content': str}")
+                                "{'role': str, 'content': str} (or content parts {'type': 'text'|'image'})")
         return
     raise DataError(f"{where}: row {i}: field {field!r}: expected a string or a list of messages, "
                     f"got {type(value).__name__}")
@@ -191,7 +212,7 @@ def _mixed_prompt(prompt: Any, chosen: Any, rejected: Any, where: str, i: int) -
         return prompt, [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
     shared, c, r = extract_prompt(chosen, rejected)
     if shared:
-        if any(m["role"] != "assistant" and m["content"].strip() == prompt.strip() for m in shared):
+        if any(m["role"] != "assistant" and message_text(m).strip() == prompt.strip() for m in shared):
             return shared, c, r
         raise DataError(f"{where}: row {i}: field 'prompt' is text that the conversations in 'chosen'/'rejected' "
                         "do not contain; give the prompt as messages, or leave it out to use the conversations' "
@@ -222,7 +243,7 @@ def normalize(rows: list[dict[str, Any]], where: str, *, start: int = 0,
             label = row.get("label")
             if not isinstance(label, bool):
                 raise DataError(f"{where}: row {i}: field 'label': expected true/false, got {label!r}")
-            out.append({"prompt": row["prompt"], "completion": row["completion"], "label": label})
+            out.append(_with_images({"prompt": row["prompt"], "completion": row["completion"], "label": label}, row))
             continue
         for f in ("chosen", "rejected"):
             _check_field(row, f, where, i)
@@ -233,14 +254,24 @@ def normalize(rows: list[dict[str, Any]], where: str, *, start: int = 0,
             prompt, chosen, rejected = extract_prompt(row["chosen"], row["rejected"])
         if isinstance(chosen, list) != isinstance(rejected, list):
             raise DataError(f"{where}: row {i}: fields 'chosen' and 'rejected' must both be text or both messages")
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        out.append(_with_images({"prompt": prompt, "chosen": chosen, "rejected": rejected}, row))
     return out
+
+
+def _with_images(rec: dict[str, Any], row: dict) -> dict[str, Any]:
+    """``rec`` with the row's ``images`` (a vision row: an ``images`` or ``image`` column, possibly empty)."""
+    from dpo_lightning.data.images import has_images, row_images
+
+    if has_images(row):
+        rec["images"] = row_images(row)
+    return rec
 
 
 def pairs_to_unpaired(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Split paired rows into KTO-style rows: (prompt, chosen, True) and (prompt, rejected, False)."""
     out = []
     for r in records:
-        out.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
-        out.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+        extra = {"images": r["images"]} if "images" in r else {}
+        out.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True, **extra})
+        out.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False, **extra})
     return out

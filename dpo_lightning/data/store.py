@@ -9,7 +9,15 @@ One cache entry is a folder of ``.npy`` files (no pickle; read with ``allow_pick
     b.npy, b_off.npy                 rejected ids (pairs; empty for unpaired rows)
     label.npy          bool  [N]     unpaired rows' labels (all False for pairs)
     meta.json                        {"version", "paired", "from_pairs", "rows", "tokens", "dropped",
-                                      "report"}: "report" is the source's validation report (``validate.py``)
+                                      "report"[, "vision"]}: "report" is the source's validation report
+                                      (``validate.py``)
+
+A vision entry (``meta["vision"]``; text entries have exactly the files above) also keeps each row's images as
+their encoded bytes (``images.py``), memory-mapped like the ids::
+
+    images.npy         uint8 [T_i]   every kept row's images' bytes, concatenated
+    images_off.npy     int64 [M+1]   image j is images[images_off[j]:images_off[j+1]]
+    images_row.npy     int64 [N+1]   row i's images are images images_row[i] .. images_row[i+1]-1
 
 ``StoreWriter`` appends chunks as they come back from the tokenizing processes (memory stays flat: a chunk
 at a time) and publishes the folder atomically (temp folder, rename). ``load_store`` maps the arrays
@@ -17,13 +25,14 @@ read-only: the ranks of a node share their pages instead of each holding a copy,
 
 ``TokenRows`` is the list of row dicts the collators and samplers index (``rows[i]`` is
 ``{"index", "prompt_ids", "chosen_ids", "rejected_ids"}`` or ``{"index", "prompt_ids", "completion_ids",
-"label"}``, plus any per-row columns set later, e.g. cached reference log-probs), built on access from the
+"label"}``, with ``"images": list[bytes]`` for a vision entry, plus any per-row columns set later, e.g. cached reference log-probs), built on access from the
 maps; slicing and ``take`` give views, and the lengths come out as arrays without building any row.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -37,18 +46,21 @@ from dpo_lightning.files.atomic import writing
 from dpo_lightning.files.disk_cache import publish_folder, staging_folder
 
 FIELDS = ("prompt", "a", "b")
+IMAGE_ARRAYS = ("images", "images_off", "images_row")
 
 
 class StoreWriter:
     """Write one cache entry chunk by chunk into a temp folder beside ``final``; ``publish`` renames it."""
 
-    def __init__(self, final: Path):
-        self.final = final
+    def __init__(self, final: Path, vision: bool = False):
+        self.final, self.vision = final, vision
         self.tmp = staging_folder(final)
         self._raw: dict[str, Any] = {}
+        self._img_count: list[np.ndarray] = []
+        self._img_len: list[np.ndarray] = []
         try:
             with writing(final):
-                self._raw = {f: open(self.tmp / f"{f}.raw", "wb") for f in FIELDS}
+                self._raw = {f: open(self.tmp / f"{f}.raw", "wb") for f in FIELDS + (("images",) if vision else ())}
         except BaseException:
             self.abort()
             raise
@@ -65,6 +77,11 @@ class StoreWriter:
             self._lens[f].append(chunk[f"{f}_len"])
             with writing(self.final):  # a full disk: WriteError naming the entry (the caller aborts)
                 chunk[f].astype("<i4", copy=False).tofile(self._raw[f])
+        if self.vision:  # ``img_count`` per row, ``img_len`` per image, ``img`` the bytes (uint8)
+            self._img_count.append(chunk["img_count"])
+            self._img_len.append(chunk["img_len"])
+            with writing(self.final):
+                chunk["img"].astype(np.uint8, copy=False).tofile(self._raw["images"])
         self.dropped.update(chunk["dropped"])
 
     def publish(self, *, paired: bool, from_pairs: bool, report: dict | None = None) -> Path:
@@ -93,6 +110,16 @@ class StoreWriter:
             _raw_to_npy(self.tmp / f"{f}.raw", self.tmp / f"{f}.npy", int(off[-1]))
         meta = {"version": 1, "paired": paired, "from_pairs": from_pairs, "rows": n, "tokens": tokens,
                 "dropped": dict(self.dropped), "report": report}
+        if self.vision:
+            self._raw["images"].close()
+            for name, parts in (("images_row", self._img_count), ("images_off", self._img_len)):
+                lens = np.concatenate(parts or [np.zeros(0)]).astype(np.int64)
+                off = np.zeros(len(lens) + 1, dtype=np.int64)
+                np.cumsum(lens, out=off[1:])
+                _save(self.tmp / f"{name}.npy", off)
+                if name == "images_off":
+                    _raw_to_npy(self.tmp / "images.raw", self.tmp / "images.npy", int(off[-1]), "|u1")
+            meta["vision"] = True
         (self.tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True))
         # atomic; a finished entry is never half-written. Another process that published the same key
         # first wrote the same content: keep theirs
@@ -109,10 +136,10 @@ def _save(path: Path, array: np.ndarray) -> None:
     np.save(path, array, allow_pickle=False)
 
 
-def _raw_to_npy(raw: Path, npy: Path, count: int) -> None:
-    """Prefix the raw int32 stream with an ``.npy`` header (streamed: no copy of the ids in memory)."""
+def _raw_to_npy(raw: Path, npy: Path, count: int, descr: str = "<i4") -> None:
+    """Prefix the raw stream (int32 ids, or image bytes) with an ``.npy`` header (streamed: no copy in memory)."""
     with open(npy, "wb") as out:
-        np.lib.format.write_array_header_1_0(out, {"descr": "<i4", "fortran_order": False, "shape": (count,)})
+        np.lib.format.write_array_header_1_0(out, {"descr": descr, "fortran_order": False, "shape": (count,)})
         with open(raw, "rb") as src:
             shutil.copyfileobj(src, out, 1 << 22)
     raw.unlink()
@@ -123,11 +150,15 @@ def load_store(folder: Path) -> dict[str, Any] | None:
     ``meta.json``, written last; an array missing, cut short or of another length than ``meta.json`` says)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-                  for name in ("index", "label", *FIELDS, *(f"{f}_off" for f in FIELDS))}
+        names = ["index", "label", *FIELDS, *(f"{f}_off" for f in FIELDS)]
+        names += list(IMAGE_ARRAYS) if meta.get("vision") else []
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in names}
     except (OSError, ValueError):
         return None
     rows = meta.get("rows")
+    if meta.get("vision") and (len(arrays["images_row"]) != rows + 1 or int(arrays["images_row"][-1]) + 1 != len(
+            arrays["images_off"]) or int(arrays["images_off"][-1]) != len(arrays["images"])):
+        return None
     if any(len(arrays[a]) != rows for a in ("index", "label")):
         return None
     for f in FIELDS:  # a cut-short ids file is not an entry (np.load checks its header's length; this the offsets')
@@ -147,6 +178,7 @@ class TokenRows(Sequence):
         self._pos = np.arange(n, dtype=np.int64) if positions is None else np.asarray(positions, dtype=np.int64)
         self._columns = dict(columns or {})
         self.paired = bool(store["meta"]["paired"])
+        self.vision = bool(store["meta"].get("vision"))
 
     # --- the list interface the collators, samplers and loaders use
     def __len__(self) -> int:
@@ -171,6 +203,8 @@ class TokenRows(Sequence):
             row["chosen_ids"], row["rejected_ids"] = ids("a"), ids("b")
         else:
             row["completion_ids"], row["label"] = ids("a"), bool(a["label"][p])
+        if self.vision:
+            row["images"] = self.images_of(p)
         for k, col in self._columns.items():
             row[k] = col[i].item()
         return row
@@ -207,12 +241,22 @@ class TokenRows(Sequence):
         off = self._store["arrays"][f"{field}_off"]
         return np.asarray(off[self._pos + 1] - off[self._pos])
 
+    def images_of(self, p: int) -> list[bytes]:
+        """The images (encoded bytes) of store row ``p`` (a vision entry)."""
+        a = self._store["arrays"]
+        row, off = a["images_row"], a["images_off"]
+        return [bytes(a["images"][off[j]:off[j + 1]]) for j in range(int(row[p]), int(row[p + 1]))]
+
     def prompt_bytes(self):
-        """Each row's prompt ids as bytes (little-endian int32), in row order: a key for grouping by prompt."""
+        """Each row's prompt ids as bytes (little-endian int32), in row order: a key for grouping by prompt
+        (a vision row's key also holds its images' bytes: the same text about another image is another prompt)."""
         a = self._store["arrays"]
         prompt, off = a["prompt"], a["prompt_off"]
         for p in self._pos.tolist():
-            yield np.asarray(prompt[off[p]:off[p + 1]], dtype="<i4").tobytes()
+            key = np.asarray(prompt[off[p]:off[p + 1]], dtype="<i4").tobytes()
+            if self.vision:
+                key += b"".join(hashlib.sha256(b).digest() for b in self.images_of(p))
+            yield key
 
     def set_column(self, name: str, values) -> None:
         """A per-row value (e.g. a cached reference log-prob) that every row dict then carries."""

@@ -13,6 +13,19 @@ Truncation (all lengths in tokens, applied per row so both completions keep one 
     two completions different prompts). A completion longer than the room left by one prompt token is cut
     at its end in both modes: the tokens scored are always the ones that follow the prompt.
 Rows left without a prompt token or without a completion token are dropped and counted by reason.
+
+Vision rows (a processor and an ``images`` column; ``encode_vision``) are tokenized as TRL 1.16's
+``DataCollatorForVisionPreference`` does: conversational rows get TRL's ``prepare_multimodal_messages`` (one
+``{"type": "image"}`` part per image before the text of the first user message whose content is a string) and
+TRL's ``apply_chat_template`` (the prompt with the generation prompt, cut to its common prefix with each
+prompt + completion rendering; each completion is the rest of its rendering); text rows keep their text (the
+prompt marks its images with the placeholder, e.g. ``<image>``) and, as in TRL's vision path, **no EOS is
+appended** to their completions. Prompt ids are ``processor(images=..., text=prompt, add_special_tokens=False)``
+(placeholders expanded into the image tokens), completion ids ``processor.tokenizer(completion,
+add_special_tokens=False)``. Truncation then never removes an image token (``truncate(..., image_ids=...)``):
+``max_prompt_length`` counts only the prompt's text tokens and keep_start / keep_end drop only text tokens;
+``max_length`` counts every token, and a prompt whose image tokens alone leave no room for a completion token is
+dropped as ``image_tokens_exceed_budget``.
 """
 
 from __future__ import annotations
@@ -88,8 +101,12 @@ def _batched_text_ids(tokenizer, records: list[dict[str, Any]], comps: list[list
     return {i: [list(next(ids)) for _ in group] for i, group in zip(rows, texts)}
 
 
-def truncate(prompt: list[int], completions: list[list[int]], cfg: TruncationConfig):
-    """Apply ``cfg`` to one row; returns (prompt, completions) or (None, reason) when the row is dropped."""
+def truncate(prompt: list[int], completions: list[list[int]], cfg: TruncationConfig,
+             image_ids: frozenset[int] | None = None):
+    """Apply ``cfg`` to one row; returns (prompt, completions) or (None, reason) when the row is dropped.
+    ``image_ids``: the ids of image tokens, which are never cut (see the module docstring)."""
+    if image_ids and any(t in image_ids for t in prompt):
+        return _truncate_vision(prompt, completions, cfg, image_ids)
     keep_end = cfg.truncation_mode == "keep_end"
     if cfg.max_prompt_length is not None and len(prompt) > cfg.max_prompt_length:
         prompt = prompt[-cfg.max_prompt_length:] if keep_end else prompt[: cfg.max_prompt_length]
@@ -108,6 +125,102 @@ def truncate(prompt: list[int], completions: list[list[int]], cfg: TruncationCon
     if any(len(c) == 0 for c in completions):
         return None, "empty_completion"
     return prompt, completions
+
+
+def _drop_text(prompt: list[int], keep: list[bool], n: int, from_end: bool) -> tuple[list[int], list[bool]]:
+    """``prompt`` without its first (or, ``from_end``, last) ``n`` unprotected tokens."""
+    order = range(len(prompt) - 1, -1, -1) if from_end else range(len(prompt))
+    gone: set[int] = set()
+    for j in order:
+        if len(gone) == n:
+            break
+        if not keep[j]:
+            gone.add(j)
+    return ([t for j, t in enumerate(prompt) if j not in gone], [k for j, k in enumerate(keep) if j not in gone])
+
+
+def _truncate_vision(prompt: list[int], completions: list[list[int]], cfg: TruncationConfig,
+                     image_ids: frozenset[int]):
+    """``truncate`` for a prompt holding image tokens: only its text tokens are ever removed."""
+    from dpo_lightning.data.images import protected_positions
+
+    keep_end = cfg.truncation_mode == "keep_end"
+    keep = protected_positions(prompt, image_ids)
+    text = len(keep) - sum(keep)
+    if cfg.max_prompt_length is not None and text > cfg.max_prompt_length:  # counts text tokens only
+        prompt, keep = _drop_text(prompt, keep, text - cfg.max_prompt_length, from_end=not keep_end)
+    if cfg.max_length is not None:
+        if sum(keep) >= cfg.max_length:
+            return None, "image_tokens_exceed_budget"
+        longest = max(len(c) for c in completions)
+        if keep_end and len(prompt) + longest > cfg.max_length:
+            budget = max(cfg.max_length - longest, sum(keep), 1)  # the image tokens stay
+            if len(prompt) > budget:
+                prompt, keep = _drop_text(prompt, keep, len(prompt) - budget, from_end=False)
+        elif not keep_end and len(prompt) >= cfg.max_length:
+            return None, "prompt_fills_max_length"
+        completions = [c[: cfg.max_length - len(prompt)] for c in completions]
+    if not prompt:
+        return None, "empty_prompt"
+    if any(len(c) == 0 for c in completions):
+        return None, "empty_completion"
+    return prompt, completions
+
+
+# ------------------------------------------------------------------ vision rows (TRL's vision collator)
+def prepare_messages(messages: list[dict], n_images: int) -> list[dict]:
+    """TRL 1.16's ``prepare_multimodal_messages`` without filling the images in: string contents become text
+    parts, and the first user message with a string content gets ``n_images`` image parts before its text."""
+    out, included = [], False
+    for m in messages:
+        if isinstance(m.get("content"), str):
+            parts = [{"type": "text", "text": m["content"]}]
+            if m["role"] == "user" and not included:
+                parts = [{"type": "image"} for _ in range(n_images)] + parts
+                included = True
+            m = {**m, "content": parts}
+        out.append(m)
+    return out
+
+
+def count_placeholders(value: Any, placeholder: str | None) -> int:
+    """Image parts of prepared messages, or placeholders in a text prompt."""
+    if isinstance(value, list):
+        return sum(1 for m in value if m["role"] != "tool" and isinstance(m["content"], list)
+                   for p in m["content"] if p.get("type") == "image")
+    return value.count(placeholder) if placeholder else 0
+
+
+def _common(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def render_vision(processor, prompt: Any, completions: list[Any], n_images: int) -> tuple[Any, list[Any]]:
+    """(prompt text, [completion texts]) of a vision row as TRL's collator renders them; text rows unchanged."""
+    if not isinstance(prompt, list):
+        return prompt, list(completions)
+    prompt = prepare_messages(prompt, n_images)
+    completions = [prepare_messages(c, 0) for c in completions]
+    last = prompt[-1]["role"]
+    text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=last in ("user", "tool"),
+                                         continue_final_message=last == "assistant")
+    fulls = [processor.apply_chat_template(prompt + c, tokenize=False) for c in completions]
+    for f in fulls:
+        text = _common(text, f)
+    return text, [f[len(text):] for f in fulls]
+
+
+def encode_vision(record: dict[str, Any], processor, images: list) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids with the image tokens expanded, [completion ids]) of one vision row; ``images``: PIL images."""
+    comps = [record["chosen"], record["rejected"]] if "chosen" in record else [record["completion"]]
+    prompt, texts = render_vision(processor, record["prompt"], comps, len(images))
+    kwargs = {"images": images} if images else {}
+    prompt_ids = list(processor(text=[prompt], add_special_tokens=False, **kwargs)["input_ids"][0])
+    tok = processor.tokenizer
+    return prompt_ids, [list(tok(text=t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
 def encode_records(records: list[dict[str, Any]], tokenizer) -> list[tuple[list[int], list[list[int]]]]:

@@ -25,6 +25,15 @@ it, ``keep`` only counts it):
                                       (a token merges across the boundary; the completion then starts where
                                       the two diverge, TRL's rule)
 
+Vision rows (an ``images`` / ``image`` column, tokenized with a processor) add:
+
+    image_unreadable           [error] an image that cannot be read or decoded (missing file, bad bytes, bad
+                                       base64); the detail names the field (``images[1]``)
+    image_count_mismatch       [error] image parts (conversational) or placeholders (text, e.g. ``<image>``) in
+                                       the prompt != images given
+    image_tokens_exceed_budget [drop]  the prompt's image tokens alone leave no room for a completion token
+                                       within max_length (image tokens are never truncated)
+
 All rows dropped is an error. ``report`` holds the counts, the policies and the first row numbers per reason;
 ``write_report`` saves it as JSON (atomically).
 
@@ -49,9 +58,12 @@ DEFAULT_POLICIES = {
     "identical_completions": "drop", "duplicate_pair": "drop", "special_tokens": "drop",
     "prompt_fills_max_length": "drop", "empty_after_truncation": "drop", "completion_truncated": "keep",
     "prompt_boundary_mismatch": "keep",
+    "image_unreadable": "error", "image_count_mismatch": "error", "image_tokens_exceed_budget": "drop",
 }
+VISION_REASONS = ("image_unreadable", "image_count_mismatch", "image_tokens_exceed_budget")
 # A row with these problems cannot be trained on: it is refused or dropped, never kept.
-NO_KEEP = {"missing_field", "non_string_field", "mixed_formats", "prompt_fills_max_length", "empty_after_truncation"}
+NO_KEEP = {"missing_field", "non_string_field", "mixed_formats", "prompt_fills_max_length", "empty_after_truncation",
+           *VISION_REASONS}
 EXAMPLES = 20  # row numbers kept per reason in the report
 
 
