@@ -79,3 +79,93 @@ def test_materialize_caches_and_resolve_path_routes_builtin_names():
     assert "tiny-llama" in resolve_path(ModelSpec("builtin:tiny-llama"))
     with pytest.raises(ValueError, match="tiny-vlm-llava"):
         tiny_vlm.materialize("tiny-vlm-nope")
+
+
+# ------------------------------------------------------------------ loading through models/hf.py
+@pytest.mark.parametrize("family", tiny_vlm.FAMILIES)
+def test_family_loads_through_the_normal_path(family, tmp_path):
+    from dpo_lightning.models.hf import ModelSpec, load_causal_lm, load_tokenizer
+    from dpo_lightning.models.vision import is_processor, is_vision_model, text_tokenizer
+
+    needs_for_family(family)
+    tiny_vlm.save(family, tmp_path)
+    spec = ModelSpec(name_or_path=str(tmp_path))
+    model, processor = load_causal_lm(spec), load_tokenizer(spec)
+    assert is_vision_model(model) and is_vision_model(model.config) and is_processor(processor)
+    assert type(model).__name__ == type(tiny_vlm.build(family)[0]).__name__  # the image-text-to-text class
+    assert model.config.use_cache is False
+    tok = text_tokenizer(processor)
+    assert tok is processor.tokenizer and tok.pad_token is not None and tok.eos_token is not None
+    _, logits = _forward(model, processor)
+    assert torch.isfinite(logits).all()
+
+
+def test_text_models_stay_on_the_text_path(tiny_path):
+    from dpo_lightning.models.hf import ModelSpec, load_tokenizer
+    from dpo_lightning.models.vision import is_processor, is_vision_model, text_tokenizer
+
+    tok = load_tokenizer(ModelSpec("builtin:tiny-llama"))
+    assert not is_processor(tok) and text_tokenizer(tok) is tok
+    from transformers import AutoConfig, Gemma3TextConfig
+
+    assert not is_vision_model(AutoConfig.from_pretrained(tiny_path))
+    assert not is_vision_model(Gemma3TextConfig())
+    assert not is_vision_model(object()) and not is_vision_model(None) and not is_vision_model(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3", "qwen2_vl", "gemma3"])
+def test_freeze_vision_tower_freezes_exactly_what_is_outside_the_language_model(family):
+    from dpo_lightning.models.vision import freeze_vision_tower, language_model
+
+    needs_for_family(family)
+    model, _ = tiny_vlm.build(family)
+    lm = language_model(model)
+    lm_params = {id(p) for p in lm.parameters()} | {id(p) for p in model.get_output_embeddings().parameters()}
+    frozen = set(freeze_vision_tower(model))
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (id(p) in lm_params), name
+        assert (name in frozen) == (id(p) not in lm_params), name
+    assert frozen and any("vision" in n or "visual" in n for n in frozen)
+
+
+def test_freeze_vision_tower_of_an_unknown_structure_warns_and_freezes_nothing(caplog):
+    from dpo_lightning.models.vision import freeze_vision_tower, lora_targets
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    with caplog.at_level("WARNING", logger="dpo_lightning"):
+        assert freeze_vision_tower(model) == []
+    assert "cannot find the language model" in caplog.text
+    assert all(p.requires_grad for p in model.parameters())
+    assert lora_targets(model) is None
+
+
+def test_the_policy_trains_the_language_model_only_unless_asked(tmp_path):
+    from dpo_lightning import ModelSpec, PreferenceLitModule
+
+    tiny_vlm.save("llava", tmp_path)
+    frozen = PreferenceLitModule(ModelSpec(str(tmp_path)), loss="sigmoid")
+    trainable = {n for n, p in frozen.policy.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.language_model.", "lm_head.")) for n in trainable)
+    full = PreferenceLitModule(ModelSpec(str(tmp_path), freeze_vision=False), loss="sigmoid")
+    assert all(p.requires_grad for p in full.policy.parameters())
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_lora_on_a_vision_model_targets_the_language_model(family):
+    from dpo_lightning.models.peft import apply_peft
+
+    model, processor = tiny_vlm.build(family)
+    vision_before = {n: p.detach().clone() for n, p in model.named_parameters() if "language_model" not in n
+                     and "text_model" not in n and not n.startswith("lm_head")}
+    peft_model = apply_peft(model, {"method": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"})
+    lora = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+    assert lora and all(("language_model" in n or "text_model" in n) for n in lora)
+    assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == set(lora)
+    # one optimizer step through the adapters leaves the vision tower and projector as they were
+    batch, _ = _forward(peft_model, processor)
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0)
+    peft_model(**batch).logits.float().square().mean().backward()
+    opt.step()
+    after = dict(peft_model.get_base_model().named_parameters())
+    for name, value in vision_before.items():
+        assert torch.equal(after[name], value), name

@@ -15,6 +15,7 @@ import torch
 
 from dpo_lightning.models.dtypes import resolve_dtype
 from dpo_lightning.models.quantization import bnb_config, keep_off_cpu_packed_path
+from dpo_lightning.models.vision import is_vision_model, quantization_skip_modules, text_tokenizer
 
 
 @dataclass
@@ -22,13 +23,16 @@ class ModelSpec:
     """Where a causal LM comes from and how to load it (the ``model`` config group binds to this).
 
     Attributes:
-        name_or_path: hub id, local folder, or ``builtin:tiny-llama`` (built offline from a config).
+        name_or_path: hub id, local folder, or ``builtin:tiny-llama`` / ``builtin:tiny-vlm[-<family>]`` (built
+            offline from a config).
         dtype: parameter dtype: ``float32`` | ``bfloat16`` | ``float16`` | ``auto``.
         attn_implementation: ``sdpa`` | ``eager`` | ``flash_attention_2`` | None (transformers' default).
         trust_remote_code: allow custom modeling code from the hub.
         revision: hub revision (branch, tag or commit).
         tiny: keyword overrides for the built-in tiny model's config (only for ``builtin:`` names).
         quantization: a bitsandbytes config mapping (see ``models/quantization.py``), or None.
+        freeze_vision: for an image-text-to-text model, train the language model only: the vision tower and the
+            projector are frozen (``models/vision.py: freeze_vision_tower``); no effect on a text model.
     """
 
     name_or_path: str = "builtin:tiny-llama"
@@ -38,6 +42,7 @@ class ModelSpec:
     revision: str | None = None
     tiny: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None
+    freeze_vision: bool = True
 
 
 class ModelLoadError(ValueError):
@@ -126,23 +131,49 @@ def resolve_path(spec: ModelSpec) -> str:
     return spec.name_or_path
 
 
-def load_tokenizer(spec: ModelSpec):
-    """The model's tokenizer with a pad token (falls back to EOS, then UNK, as TRL does)."""
-    from transformers import AutoTokenizer
+def load_config(spec: ModelSpec, path: str | None = None):
+    """The model's config (``AutoConfig``), or None when the folder or hub id has none (a tokenizer-only folder)."""
+    from transformers import AutoConfig
 
-    tok = _from_pretrained(AutoTokenizer.from_pretrained, spec, "tokenizer", resolve_path(spec),
-                           revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(path or resolve_path(spec), revision=spec.revision,
+                                          trust_remote_code=spec.trust_remote_code)
+    except Exception:  # no config.json: the loaders below say what is missing
+        return None
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer with a pad token (falls back to EOS, then UNK, as TRL does). For an image-text-to-text
+    model, its processor (``AutoProcessor``: tokenizer + image processor), the pad token set on its tokenizer
+    (``models.vision.text_tokenizer`` gives the tokenizer of either)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    path = resolve_path(spec)
+    check_source(spec, "tokenizer")
+    load = AutoProcessor.from_pretrained if is_vision_model(load_config(spec, path)) else AutoTokenizer.from_pretrained
+    processing_class = _from_pretrained(load, spec, "tokenizer", path, revision=spec.revision,
+                                        trust_remote_code=spec.trust_remote_code)
+    tok = text_tokenizer(processing_class)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if tok.eos_token is None:
         raise ValueError(f"tokenizer of {spec.name_or_path!r} has no EOS token; set one in its tokenizer_config.json")
-    return tok
+    return processing_class
 
 
 def load_causal_lm(spec: ModelSpec, *, device_map: Any = None):
-    """Load the model in eval-free training form: dropout disabled (as in the DPO paper), no KV cache."""
-    from transformers import AutoModelForCausalLM
+    """Load the model in eval-free training form: dropout disabled (as in the DPO paper), no KV cache.
 
+    An image-text-to-text model (its config says so: ``models.vision.is_vision_model``) loads with
+    ``AutoModelForImageTextToText``; quantized, its vision tower, projector and LM head stay in full precision
+    unless ``quantization.skip_modules`` says otherwise. ``spec.freeze_vision`` is applied where the policy is
+    built (``training/module.py``), not here."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    path = resolve_path(spec)
+    check_source(spec, "model")
+    config = load_config(spec, path)
+    vision = is_vision_model(config)
     kwargs: dict[str, Any] = dict(
         revision=spec.revision,
         trust_remote_code=spec.trust_remote_code,
@@ -152,11 +183,15 @@ def load_causal_lm(spec: ModelSpec, *, device_map: Any = None):
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.quantization:
         kwargs["quantization_config"] = bnb_config(spec.quantization)
+        skip = quantization_skip_modules(config) if vision else None
+        if skip and kwargs["quantization_config"] is not None and not spec.quantization.get("skip_modules"):
+            kwargs["quantization_config"].llm_int8_skip_modules = skip
         if device_map is None:
             device_map = {"": _default_device()}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, spec, "model", resolve_path(spec), **kwargs)
+    load = AutoModelForImageTextToText.from_pretrained if vision else AutoModelForCausalLM.from_pretrained
+    model = _from_pretrained(load, spec, "model", path, **kwargs)
     if spec.quantization:
         keep_off_cpu_packed_path(model)  # bitsandbytes' AVX512-BF16 layout: shape limits, bf16, no autograd
     disable_dropout(model)

@@ -1,6 +1,7 @@
 """Parameter-efficient fine-tuning: wrap the loaded policy in LoRA adapters (the ``peft`` config group).
 
-    peft=lora                       LoRA on every linear layer of the decoder (``target_modules: all-linear``)
+    peft=lora                       LoRA on every linear layer of the decoder (``target_modules: all-linear``;
+                                    for a vision-language model, of its language model only)
     peft.adapter_path=<folder>      start from a saved adapter (dpo-train) / evaluate it (dpo-eval)
     peft=lora quantization=bnb_4bit QLoRA: 4-bit frozen base, LoRA adapters, k-bit training preparation
 
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from dpo_lightning.models.quantization import is_quantized, keep_off_cpu_packed_path
+from dpo_lightning.models.vision import is_vision_model, lora_targets
 
 log = logging.getLogger("dpo_lightning")
 
@@ -70,8 +72,10 @@ def adapter_active(model: torch.nn.Module, name: str):
                 m._active_adapter = old
 
 
-def lora_config(settings: dict[str, Any]):
-    """A ``peft.LoraConfig`` for a causal LM from our ``peft`` mapping."""
+def lora_config(settings: dict[str, Any], model: torch.nn.Module | None = None):
+    """A ``peft.LoraConfig`` for a causal LM from our ``peft`` mapping. For an image-text-to-text ``model`` the
+    default targets (``all-linear``) become the linear layers of its language model only (``vision.lora_targets``:
+    not the vision tower, the projector or the LM head); targets named explicitly are kept as given."""
     from peft import LoraConfig
 
     settings = dict(settings)
@@ -83,6 +87,11 @@ def lora_config(settings: dict[str, Any]):
     if isinstance(targets, (list, tuple)):
         kwargs["target_modules"] = list(targets)
     kwargs.setdefault("target_modules", "all-linear")
+    if kwargs["target_modules"] == "all-linear" and model is not None and is_vision_model(model):
+        targets = lora_targets(model)
+        if targets is not None:
+            kwargs["target_modules"] = targets
+            log.info("LoRA on a vision-language model: all-linear restricted to the language model (%s)", targets)
     if int(kwargs.get("r", 8)) < 1:
         raise ValueError(f"peft.r={kwargs['r']}: the LoRA rank must be at least 1")
     return LoraConfig(task_type="CAUSAL_LM", **kwargs)
@@ -111,7 +120,7 @@ def apply_peft(model: torch.nn.Module, settings: dict[str, Any] | None) -> torch
         model = PeftModel.from_pretrained(model, str(settings["adapter_path"]), is_trainable=True)
         log.info("LoRA: loaded the adapter in %s (its own r / alpha / target modules)", settings["adapter_path"])
     else:
-        model = get_peft_model(model, lora_config(settings))
+        model = get_peft_model(model, lora_config(settings, model))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))

@@ -30,6 +30,7 @@ from dpo_lightning.losses.registry import Loss, LossOutput, get_loss
 from dpo_lightning.models.hf import ModelSpec, load_causal_lm
 from dpo_lightning.models.peft import apply_peft
 from dpo_lightning.models.quirks import engine_plan
+from dpo_lightning.models.vision import freeze_vision_tower, is_vision_model
 from dpo_lightning.reference.reference import Reference
 from dpo_lightning.reference.spec import Mode, ReferenceSpec
 from dpo_lightning.reference.sync import ReferenceSync
@@ -112,7 +113,10 @@ class PreferenceLitModule(L.LightningModule):
         nonfinite = {"guard": True, **dict(nonfinite or {})}
         self.nonfinite = NonFiniteGuard(nonfinite.get("max_consecutive", 5)) if nonfinite["guard"] else None
         self.peft_settings = dict(peft) if peft else None
-        self.policy = apply_peft(load_causal_lm(self.model_spec), self.peft_settings)
+        policy = load_causal_lm(self.model_spec)
+        if self.model_spec.freeze_vision and is_vision_model(policy):
+            freeze_vision_tower(policy)  # train the language model only (models/vision.py says why)
+        self.policy = apply_peft(policy, self.peft_settings)
         self.policy_plan = engine_plan(self.policy, router_aux_loss_coef)  # models/quirks.py
         # registered as ``reference``: its weights' keys are ``reference.*`` (Reference.PREFIX)
         self.reference = Reference.build(reference_spec, loss, self.policy, self.model_spec)
