@@ -195,8 +195,7 @@ def check_decodable(data: bytes | Unreadable) -> str | None:
 _WRAPPER_ATTRS = ("boi_token", "eoi_token", "fake_image_token", "global_image_token", "image_start_token",
                   "image_end_token", "vision_start_token", "vision_end_token", "image_break_token",
                   "image_begin_token", "image_sep_token", "start_image_token", "end_image_token")
-_WRAPPER_PATTERNS = re.compile(r"^<(row_\d+_col_\d+|global-img|fake_token_around_image|\|vision_(start|end)\|"
-                               r"|\|image_pad\|)>$")
+_WRAPPER_PATTERNS = re.compile(r"(?i)(image|img|vision|row_\d+_col_\d+|fake_token_around)")  # added tokens
 
 
 def image_token_ids(processor: Any) -> frozenset[int]:
@@ -213,7 +212,11 @@ def image_token_ids(processor: Any) -> frozenset[int]:
         if isinstance(v, int):
             ids.add(v)
     names = [getattr(processor, a, None) for a in ("image_token", *_WRAPPER_ATTRS)]
-    names += [t for t in tok.get_added_vocab() if _WRAPPER_PATTERNS.match(t)]
+    names += [t for t in tok.get_added_vocab() if _WRAPPER_PATTERNS.search(t) and "video" not in t.lower()]
+    sequence = getattr(processor, "full_image_sequence", None)  # Gemma 3: boi, the soft tokens, eoi
+    if isinstance(sequence, str):
+        special = set(tok.all_special_ids)
+        ids.update(i for i in tok(text=sequence, add_special_tokens=False)["input_ids"] if i in special)
     unk = tok.unk_token_id
     for name in names:
         if isinstance(name, str) and name:

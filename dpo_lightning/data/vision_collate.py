@@ -53,7 +53,10 @@ def pixel_inputs(processor: Any, images: list[bytes]) -> dict[str, torch.Tensor]
         pil.append(decoded[b])
     out = processor(images=[pil] if _one_sample(processor) else pil, return_tensors="pt")
     return {k: v for k, v in out.items()
-            if isinstance(v, torch.Tensor) and k not in imgs.NOT_FORWARD and k not in ("input_ids", "attention_mask")}
+            if isinstance(v, torch.Tensor) and k not in imgs.NOT_FORWARD and k not in TEXT_KEYS}
+
+
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 
 def _probe(processor: Any) -> dict[str, Any]:
