@@ -30,6 +30,7 @@ from typing import Any
 
 import lightning as L
 
+from dpo_lightning.data.images import text_tokenizer
 from dpo_lightning.evaluation.generation import (
     GenerationSettings,
     _as_settings,
@@ -68,7 +69,8 @@ class GenerationEvaluation(L.Callback):
         dirpath: folder of ``step_<N>.jsonl``; None = ``<trainer.default_root_dir>/generations``.
         prompts: prompt texts to use instead of the data module's held-out rows.
         rows: tokenized rows (``prompt_ids``) to take the prompts from instead (``dpo-eval``).
-        tokenizer: the tokenizer; None = the data module's.
+        tokenizer: the tokenizer (a vision model: its processor); None = the data module's (its ``processor``
+            when it has one).
         write_samples: write ``<dirpath>/step_<N>.jsonl`` (the samples are also kept in ``last_records``).
     """
 
@@ -91,7 +93,8 @@ class GenerationEvaluation(L.Callback):
     def _prompts(self, trainer, tokenizer) -> list[tuple[int, list[int]]]:
         n = self.settings.num_prompts
         if self.prompt_texts is not None:
-            return [(i, tokenizer(t)["input_ids"]) for i, t in enumerate(self.prompt_texts[:n])]
+            tok = text_tokenizer(tokenizer)
+            return [(i, tok(t)["input_ids"]) for i, t in enumerate(self.prompt_texts[:n])]
         rows = self.rows
         if rows is None and trainer.datamodule is not None:
             rows = getattr(trainer.datamodule, "val_rows", None)
@@ -103,7 +106,8 @@ class GenerationEvaluation(L.Callback):
         step, version = trainer.global_step, pl_module.reference.version
         if self._done == (step, version):  # this policy was just evaluated (the validation after fit)
             return
-        tokenizer = self.tokenizer or getattr(trainer.datamodule, "tokenizer", None)
+        dm = trainer.datamodule  # a vision model's processor (None for text), else the tokenizer
+        tokenizer = self.tokenizer or getattr(dm, "processor", None) or getattr(dm, "tokenizer", None)
         prompts = self._prompts(trainer, tokenizer) if tokenizer is not None else []
         if not prompts:
             log.warning("generation evaluation: no held-out prompts (and no `prompts` given): skipped")
@@ -200,8 +204,8 @@ def generation_callback(cfg, rows: list[dict], datamodule) -> GenerationEvaluati
         return None
     from hydra.utils import instantiate
 
-    return GenerationEvaluation(instantiate(node, _convert_="all"), rows=rows, tokenizer=datamodule.tokenizer,
-                                write_samples=False)
+    return GenerationEvaluation(instantiate(node, _convert_="all"), rows=rows, write_samples=False,
+                                tokenizer=getattr(datamodule, "processor", None) or datamodule.tokenizer)
 
 
 def write_generations(callback: GenerationEvaluation, beside: str | Path) -> Path:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from dpo_lightning.data.images import is_processor, text_tokenizer
+from dpo_lightning.data.images import image_token_ids, is_processor, text_tokenizer
 from dpo_lightning.data.layouts import plain_layout
 from dpo_lightning.data.vision_collate import pixel_inputs
 from dpo_lightning.engine.logprobs import sequence_logps
@@ -131,11 +131,15 @@ def sample_completions(model: torch.nn.Module, prompts: list[list[int]], setting
                        pad_token_id: int, eos_token_id: int, seed: int, synced_gpus: bool = False,
                        images: list[Images] | None = None, processor: Any = None) -> list[list[int]]:
     """``settings.num_samples`` completions per prompt (prompt-major order), each cut after its first EOS.
-    ``images[i]``: prompt i's images (``processor`` makes their pixel inputs)."""
+    ``images[i]``: prompt i's images (``processor`` makes their pixel inputs). With a processor, the tokens an
+    image expands to are never sampled: a completion is text (an image token in it would ask the model's forward
+    for an image feature that is not there)."""
     rows = [p for p in prompts for _ in range(settings.num_samples)]
     row_images = [im for im in (images or [[]] * len(prompts)) for _ in range(settings.num_samples)]
     device = next(model.parameters()).device
     config = _generation_config(settings, pad_token_id, eos_token_id)
+    if processor is not None:
+        config.suppress_tokens = sorted(image_token_ids(processor))
     out: list[list[int]] = []
     was_training = model.training
     model.eval()
