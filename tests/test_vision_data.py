@@ -16,10 +16,9 @@ import sys
 
 import numpy as np
 import pytest
-import transformers
+from helpers import requires_vision
 
-pytestmark = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
-                                reason="vision models need transformers >= 5")
+pytestmark = requires_vision
 tiny_vlm = pytest.importorskip("dpo_lightning.models.tiny_vlm")
 
 import torch  # noqa: E402

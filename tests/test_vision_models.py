@@ -169,3 +169,55 @@ def test_lora_on_a_vision_model_targets_the_language_model(family):
     after = dict(peft_model.get_base_model().named_parameters())
     for name, value in vision_before.items():
         assert torch.equal(after[name], value), name
+
+
+# ------------------------------------------------------------------ QLoRA: the vision tower stays in full precision
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_vision_model_keeps_the_vision_tower_in_full_precision(bits, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from dpo_lightning.models.hf import ModelSpec, load_causal_lm
+    from dpo_lightning.models.peft import apply_peft
+    from dpo_lightning.models.vision import is_vision_model
+
+    tiny_vlm.save("llava", tmp_path)
+    quant = {"bits": 4, "quant_type": "nf4", "compute_dtype": "float32"} if bits == 4 else {"bits": 8}
+    model = load_causal_lm(ModelSpec(str(tmp_path), quantization=quant))
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantized = {n for n, k in kinds.items() if k.startswith("Linear4bit" if bits == 4 else "Linear8bit")}
+    assert quantized and all(n.startswith("model.language_model.") for n in quantized)
+    assert all(kinds[n] == "Linear" for n in kinds if n.startswith(("model.vision_tower", "model.multi_modal")))
+    policy = apply_peft(model, {"method": "lora", "r": 4, "alpha": 8})
+    assert is_vision_model(policy)
+    assert all("language_model" in n for n, p in policy.named_parameters() if p.requires_grad)
+    processor = tiny_vlm.build("llava")[1]
+    _, logits = _forward(policy, processor)
+    assert torch.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------ the embedded default needs PIL only
+def test_builtin_tiny_vlm_processor_has_no_torchvision_part():
+    import transformers
+
+    from dpo_lightning.models.hf import ModelSpec, load_tokenizer
+
+    processor = load_tokenizer(ModelSpec("builtin:tiny-vlm"))
+    assert type(processor).__name__ == "LlavaProcessor" and not tiny_vlm.FAMILY_SPECS["llava"].needs_torchvision
+    assert "video_processor" not in type(processor).get_attributes()  # video processors need torchvision
+    pil_class = type(processor.image_processor).__name__.removesuffix("Pil") + "Pil"
+    assert getattr(transformers, pil_class).__mro__[1].__name__ == "PilBackend"
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_builtin_tiny_vlm_works_without_torchvision(tmp_path):
+    import json
+
+    from helpers import run_script, script_env
+
+    res = run_script("tiny_vlm_without_torchvision.py", env=script_env(DPO_LIGHTNING_CACHE=str(tmp_path)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    assert out == {"processor": "LlavaProcessor", "image_processor": "CLIPImageProcessorPil", "image_tokens": 16,
+                   "finite": True, "torchvision": False}

@@ -77,7 +77,10 @@ HEAD_RULES: dict[str, Callable[[Any], HeadRule]] = {
                      "granitemoeshared", "minicpm3"), _divide("logits_scaling")),
     "hyperclovax": _multiply("logits_scaling"),
     "falcon_h1": _multiply("lm_head_multiplier"),
+    # image-text-to-text models whose own forward transforms the logits, whatever their text model does
+    "paligemma": _softcap("final_logit_softcapping"),  # read from its text config (Gemma 2: 30; Gemma: none)
 }
+COMPOSITE_HEAD_RULES = {"paligemma"}
 
 # The lines a plain ForCausalLM.forward has between the backbone's output and the loss: logits = lm_head(h).
 STANDARD_HEAD_LINES = {
@@ -141,7 +144,9 @@ def _source(fn) -> str:
 def head_rule(base: torch.nn.Module) -> tuple[HeadRule | None, str]:
     """(the model's logit transform, how it was found); (None, why) when it is not known."""
     cfg = text_config(base)
-    rule = HEAD_RULES.get(getattr(cfg, "model_type", ""))
+    composite = getattr(base.config, "model_type", "")  # a VLM's own rule first (its text config holds the values)
+    rule = HEAD_RULES.get(composite) if composite in COMPOSITE_HEAD_RULES else HEAD_RULES.get(
+        getattr(cfg, "model_type", ""))
     if rule is not None:
         found = rule(cfg)
         return found, f"{cfg.model_type}: {found.describe()}"
