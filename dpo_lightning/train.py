@@ -115,7 +115,7 @@ def _train(cfg: DictConfig, job: JobInfo | None) -> dict[str, Any]:
             summary["best_checkpoint"] = cb.best_model_path
             summary["last_checkpoint"] = cb.last_model_path
     if cfg.get("export"):  # every rank: sharded weights are gathered to rank 0, which writes
-        out = export_policy(trainer, module, dm.tokenizer, f"{cfg.paths.output_dir}/export",
+        out = export_policy(trainer, module, dm.processor or dm.tokenizer, f"{cfg.paths.output_dir}/export",
                             merge_adapters=bool(cfg.get("export_merged")))
         if out is not None:
             summary["export"] = str(out)
