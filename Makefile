@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 WORKERS ?= 2  # pytest-xdist processes: tests run one torch thread each (conftest), one per core
 
-.PHONY: help setup run test test-fast lint bench clean
+.PHONY: help setup run run-vlm test test-fast lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ setup: $(BIN)/dpo-train  ## create .venv and install torch + the package with it
 
 run: setup  ## set up, then train on the embedded default (tiny model, synthetic pairs, CPU, < 3 min)
 	$(BIN)/dpo-train
+
+run-vlm: setup  ## the vision default: a tiny LLaVA on generated shape pictures (experiment=tiny_vlm, CPU, < 3 min)
+	$(BIN)/dpo-train experiment=tiny_vlm
 
 test: setup  ## the whole suite, every tier: what CI runs (target: 15 min on 2 cores)
 	$(BIN)/pytest -q -n $(WORKERS)

@@ -11,6 +11,9 @@ scored and judged (``generation.py``). Logged: ``gen/kl`` (+ ``gen/kl_stderr``),
 reward-model judge ``gen/reward``; every logger gets the metrics, W&B also a table per step
 (``generations/step_<N>``), and ``<dirpath>/step_<N>.jsonl`` holds every sample whatever the logger.
 
+A vision model's held-out prompts are sampled with their images; the JSONL records name each image by its sha256
+(``images``), and the W&B table gains an ``image`` column showing it (only when a prompt has images).
+
 Under DDP the prompts are split across ranks and the samples gathered. Under sharded strategies (FSDP,
 FSDP2, DeepSpeed ZeRO-3) every rank runs the same number of forwards (``synced_gpus``), FSDP1's root unit
 (embeddings, final norm, LM head) is gathered for the duration and each decoder layer gathers itself.
@@ -27,6 +30,7 @@ from typing import Any
 
 import lightning as L
 
+from dpo_lightning.data.images import text_tokenizer
 from dpo_lightning.evaluation.generation import (
     GenerationSettings,
     _as_settings,
@@ -65,7 +69,8 @@ class GenerationEvaluation(L.Callback):
         dirpath: folder of ``step_<N>.jsonl``; None = ``<trainer.default_root_dir>/generations``.
         prompts: prompt texts to use instead of the data module's held-out rows.
         rows: tokenized rows (``prompt_ids``) to take the prompts from instead (``dpo-eval``).
-        tokenizer: the tokenizer; None = the data module's.
+        tokenizer: the tokenizer (a vision model: its processor); None = the data module's (its ``processor``
+            when it has one).
         write_samples: write ``<dirpath>/step_<N>.jsonl`` (the samples are also kept in ``last_records``).
     """
 
@@ -88,7 +93,8 @@ class GenerationEvaluation(L.Callback):
     def _prompts(self, trainer, tokenizer) -> list[tuple[int, list[int]]]:
         n = self.settings.num_prompts
         if self.prompt_texts is not None:
-            return [(i, tokenizer(t)["input_ids"]) for i, t in enumerate(self.prompt_texts[:n])]
+            tok = text_tokenizer(tokenizer)
+            return [(i, tok(t)["input_ids"]) for i, t in enumerate(self.prompt_texts[:n])]
         rows = self.rows
         if rows is None and trainer.datamodule is not None:
             rows = getattr(trainer.datamodule, "val_rows", None)
@@ -100,7 +106,8 @@ class GenerationEvaluation(L.Callback):
         step, version = trainer.global_step, pl_module.reference.version
         if self._done == (step, version):  # this policy was just evaluated (the validation after fit)
             return
-        tokenizer = self.tokenizer or getattr(trainer.datamodule, "tokenizer", None)
+        dm = trainer.datamodule  # a vision model's processor (None for text), else the tokenizer
+        tokenizer = self.tokenizer or getattr(dm, "processor", None) or getattr(dm, "tokenizer", None)
         prompts = self._prompts(trainer, tokenizer) if tokenizer is not None else []
         if not prompts:
             log.warning("generation evaluation: no held-out prompts (and no `prompts` given): skipped")
@@ -122,7 +129,7 @@ class GenerationEvaluation(L.Callback):
         synced, context = _sharded_generation(trainer)
         if synced:  # the same number of forwards on every rank: pad with copies of a prompt (dropped later)
             per_rank = -(-len(prompts) // world)
-            shard += [(-1 - j, prompts[0][1]) for j in range(per_rank - len(shard))]
+            shard += [(-1 - j, *prompts[0][1:]) for j in range(per_rank - len(shard))]
         # precomputed reference log-probs: the reference weights are opened for this pass, except under a
         # sharded strategy (every rank would hold the whole reference)
         open_reference = not synced
@@ -136,7 +143,7 @@ class GenerationEvaluation(L.Callback):
         if trainer.is_global_zero:
             if self.write_samples:
                 self.last_path = self._write(trainer, records, step)
-            self._log_table(trainer, records, step)
+            self._log_table(trainer, records, step, {p[0]: p[2] for p in prompts if len(p) > 2 and p[2]})
         metrics = summarize(records)
         if "gen/kl" not in metrics and not self._warned:
             why = ("reference.precompute=true under a sharded strategy (the whole reference would be loaded "
@@ -153,13 +160,41 @@ class GenerationEvaluation(L.Callback):
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         return atomic_write_text(folder / f"step_{step}.jsonl", lines)
 
-    def _log_table(self, trainer, records: list[dict], step: int) -> None:
+    def _log_table(self, trainer, records: list[dict], step: int, images: dict[int, list[bytes]] | None = None,
+                   ) -> None:
+        """One W&B table per step; ``images`` (prompt index -> image bytes) adds an ``image`` column."""
         from lightning.pytorch.loggers import WandbLogger
 
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers:
+            return
         data = [[step, r["prompt"], r["policy"], r["reference"], r["kl"], r["judge"]] for r in records]
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_table(key=f"generations/step_{step}", columns=COLUMNS, data=data)
+        columns = COLUMNS
+        if images:
+            columns = COLUMNS + ["image"]
+            shown = {i: _wandb_image(pics) for i, pics in images.items()}
+            data = [row + [shown.get(r["prompt_index"])] for row, r in zip(data, records)]
+        for logger in loggers:
+            logger.log_table(key=f"generations/step_{step}", columns=columns, data=data)
+
+
+def _wandb_image(pics: list[bytes]):
+    """A ``wandb.Image`` of a prompt's images (several side by side)."""
+    import wandb
+
+    from dpo_lightning.data.images import decode
+
+    decoded = [decode(b).convert("RGB") for b in pics]
+    if len(decoded) == 1:
+        return wandb.Image(decoded[0])
+    from PIL import Image
+
+    strip = Image.new("RGB", (sum(im.width for im in decoded), max(im.height for im in decoded)), "white")
+    x = 0
+    for im in decoded:
+        strip.paste(im, (x, 0))
+        x += im.width
+    return wandb.Image(strip)
 
 
 def generation_callback(cfg, rows: list[dict], datamodule) -> GenerationEvaluation | None:
@@ -169,8 +204,8 @@ def generation_callback(cfg, rows: list[dict], datamodule) -> GenerationEvaluati
         return None
     from hydra.utils import instantiate
 
-    return GenerationEvaluation(instantiate(node, _convert_="all"), rows=rows, tokenizer=datamodule.tokenizer,
-                                write_samples=False)
+    return GenerationEvaluation(instantiate(node, _convert_="all"), rows=rows, write_samples=False,
+                                tokenizer=getattr(datamodule, "processor", None) or datamodule.tokenizer)
 
 
 def write_generations(callback: GenerationEvaluation, beside: str | Path) -> Path:

@@ -41,7 +41,7 @@ from dpo_lightning.data.cache_keys import (
     tokenizer_fingerprint,
 )
 from dpo_lightning.data.checks import ChunkContext, check_chunk
-from dpo_lightning.data.formats import DataError, load_records, parse_jsonl_line
+from dpo_lightning.data.formats import DataError, load_records, parse_jsonl_line, resolve_builtin
 from dpo_lightning.data.images import (
     base_folder,
     has_images,
@@ -304,7 +304,8 @@ def tokenize_source(source: str, split: str, tokenizer, cfg: TruncationConfig, *
         records = load_records(source, split)
         vision = any(has_images(r) for r in records)
         if vision:
-            records = resolve_rows(records, base_folder(source))  # images as bytes: the key hashes them
+            folder = base_folder(resolve_builtin(source) if str(source).startswith("builtin:") else source)
+            records = resolve_rows(records, folder)  # images as bytes: the key hashes them
             fingerprint = "vision:" + records_fingerprint(records)
         else:
             tokenizer = text_tokenizer(tokenizer)

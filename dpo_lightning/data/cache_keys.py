@@ -61,9 +61,9 @@ def cache_root(cache_dir: str | Path | None) -> Path:
 def source_fingerprint(source: str | Path) -> str | None:
     """A hash of a local file's (or folder's) bytes; None for a hub id (hashed by its rows instead)."""
     if str(source).startswith("builtin:"):
-        from importlib import resources
+        from dpo_lightning.data.formats import resolve_builtin
 
-        path = Path(str(resources.files("dpo_lightning.assets").joinpath(f"{str(source).split(':', 1)[1]}.jsonl")))
+        path = resolve_builtin(source)
     else:
         path = Path(str(source)).expanduser()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []

@@ -33,13 +33,7 @@ def load_records(source: str | Path, split: str = "train") -> list[dict[str, Any
     """Rows of a JSONL/JSON/Parquet/CSV file, a ``save_to_disk`` folder, a hub dataset id, or
     ``builtin:<name>`` (a dataset embedded in the package, e.g. ``builtin:default_prefs``)."""
     if str(source).startswith("builtin:"):
-        from importlib import resources
-
-        name = str(source).split(":", 1)[1]
-        asset = resources.files("dpo_lightning.assets").joinpath(f"{name}.jsonl")
-        if not asset.is_file():
-            raise DataError(f"{source}: no such built-in dataset (available: builtin:default_prefs)")
-        return _read_jsonl(Path(str(asset)))
+        return _read_jsonl(resolve_builtin(source))
     path = Path(str(source)).expanduser()
     if path.is_dir():
         return _load_saved(path, split)
@@ -63,6 +57,22 @@ def load_records(source: str | Path, split: str = "train") -> list[dict[str, Any
     import datasets  # a hub id such as "trl-lib/ultrafeedback_binarized"
 
     return datasets.load_dataset(str(source), split=split).to_list()
+
+
+def resolve_builtin(source: str | Path) -> Path:
+    """The JSONL file of ``builtin:<name>``: a file embedded in the package, or ``builtin:shapes`` (generated
+    vision pairs, ``shapes.py``: written once into the disk cache, images beside it)."""
+    from importlib import resources
+
+    name = str(source).split(":", 1)[1]
+    if name == "shapes":
+        from dpo_lightning.data import shapes
+
+        return shapes.materialize()
+    asset = resources.files("dpo_lightning.assets").joinpath(f"{name}.jsonl")
+    if not asset.is_file():
+        raise DataError(f"{source}: no such built-in dataset (available: builtin:default_prefs, builtin:shapes)")
+    return Path(str(asset))
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
