@@ -30,7 +30,7 @@ from typing import Any
 
 from dpo_lightning.files import disk_cache
 
-VERSION = "shapes-1"  # bump when the drawing or the rows change: a new cache entry
+VERSION = "shapes-2"  # bump when the drawing or the rows change: a new cache entry
 FILE = "shapes.jsonl"
 BACKGROUND = (255, 255, 255)
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -56,8 +56,11 @@ class Scene:
 
 
 def _boxes(rng: random.Random, n: int, image_size: int) -> tuple[tuple[int, int, int], ...]:
-    """``n`` non-overlapping squares (2 pixels apart at least) inside the image; a single shape is larger."""
-    lo, hi = (image_size * 5 // 16, image_size * 9 // 16) if n == 1 else (image_size * 3 // 16, image_size // 4)
+    """``n`` non-overlapping squares (2 pixels apart at least) inside the image. Shapes are large for the size of
+    the picture (a single one most of it; several, each about a quarter), so that a tiny model that sees the
+    picture at a few patches a side can still tell a circle's corners from a square's and count blobs."""
+    lo, hi = (image_size * 11 // 16, image_size * 14 // 16) if n == 1 else (image_size * 6 // 16,
+                                                                           image_size * 7 // 16)
     while True:
         boxes: list[tuple[int, int, int]] = []
         for _ in range(50 * n):

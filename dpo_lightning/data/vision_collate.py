@@ -55,7 +55,7 @@ def pixel_inputs(processor: Any, images: list) -> dict[str, torch.Tensor]:
     groups = [list(g) for g in images if len(g)] if images and isinstance(images[0], (list, tuple)) else \
         [[b] for b in images]
     decoded: dict[bytes, Any] = {}
-    pil = []
+    pil: list[list[Any]] = []
     for group in groups:
         pil.append([])
         for b in group:

@@ -117,7 +117,7 @@ def _vision(model: torch.nn.Module, processor: Any, ids: torch.Tensor, images: l
         return {}
     if processor is None:
         raise ValueError("generation: prompts with images need the model's processor (not only its tokenizer)")
-    out = pixel_inputs(processor, flat)
+    out = pixel_inputs(processor, [list(row) for row in images or []])  # per prompt: a family may tell 1 image from 2
     plan = engine_plan(model).vision
     if plan is not None:
         for name, rule in plan.token_types.items():
@@ -176,8 +176,10 @@ def score_completions(model: torch.nn.Module, prompts: list[list[int]], completi
         if flat:  # the plain layout: each row's images, row after row (the order of the image tokens)
             if processor is None:
                 raise ValueError("scoring prompts with images needs the model's processor")
-            batch["vision"] = pixel_inputs(processor, flat)
+            batch["vision"] = pixel_inputs(processor, [list(row) for row in (images or [])[s:s + batch_size]])
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if batch.get("vision"):
+            batch["vision"] = {k: v.to(device) for k, v in batch["vision"].items()}
         out.append(sequence_logps(model, batch, batch["num_sequences"], chunk_size=chunk_size,
                                   full_logits=full_logits).logps.float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
