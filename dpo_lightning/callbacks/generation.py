@@ -30,7 +30,6 @@ from typing import Any
 
 import lightning as L
 
-from dpo_lightning.data.images import text_tokenizer
 from dpo_lightning.evaluation.generation import (
     GenerationSettings,
     _as_settings,
@@ -40,6 +39,7 @@ from dpo_lightning.evaluation.generation import (
     summarize,
 )
 from dpo_lightning.evaluation.judges import build_judge
+from dpo_lightning.models.vision import text_tokenizer
 
 log = logging.getLogger("dpo_lightning")
 COLUMNS = ["step", "prompt", "policy", "reference", "kl", "judge"]

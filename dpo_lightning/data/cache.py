@@ -12,7 +12,7 @@ unchanged); the parent merges each chunk's check results in row order (``DataVal
 the first error, duplicates across chunks) and appends its arrays to the entry as it comes back, so memory
 stays flat whatever the size, and a progress bar shows rows/s.
 
-A vision source (a processor, ``images.is_processor``, and an ``images`` / ``image`` column) is read whole in
+A vision source (a processor, ``models.vision.is_processor``, and an ``images`` / ``image`` column) is read whole in
 the parent, each image as its bytes (``images.resolve_rows``), and keyed by its rows with every image as the
 sha256 of its bytes, never its path (the same image elsewhere hits, a rewritten one misses); its entry keeps
 the images' bytes (``store.py``). A processor with a text-only source tokenizes it with its tokenizer as text. Concurrent misses (the ranks of a node) take the
@@ -46,15 +46,14 @@ from dpo_lightning.data.images import (
     base_folder,
     has_images,
     image_token_ids,
-    is_processor,
     resolve_rows,
-    text_tokenizer,
 )
 from dpo_lightning.data.store import StoreWriter, TokenRows, load_store
 from dpo_lightning.data.tokenize import TruncationConfig, split_prompt, tokenize_records, truncate
 from dpo_lightning.data.validate import VISION_REASONS, DataValidator, first_kind, is_unpaired_file
 from dpo_lightning.files.atomic import remove_path
 from dpo_lightning.files.disk_cache import file_lock
+from dpo_lightning.models.vision import is_processor, text_tokenizer
 
 CHUNK_ROWS = 512  # rows per task sent to a worker
 

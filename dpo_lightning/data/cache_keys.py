@@ -25,7 +25,7 @@ _CALL_STATE = re.compile(r'"truncation":(null|\{[^{}]*\}),"padding":(null|\{[^{}
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything about the tokenizer that changes token ids; for a processor, its tokenizer's and
     the processor's own settings (image processor, image tokens, chat template)."""
-    from dpo_lightning.data.images import is_processor
+    from dpo_lightning.models.vision import is_processor
 
     if is_processor(tokenizer):
         h = hashlib.sha256(tokenizer_fingerprint(tokenizer.tokenizer).encode())

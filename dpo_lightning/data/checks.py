@@ -36,6 +36,7 @@ from dpo_lightning.data.tokenize import (
     split_prompt,
     truncate,
 )
+from dpo_lightning.models.vision import is_processor, text_tokenizer
 
 Event = tuple[int, int, "str | None", str]  # (row, stage, reason or None for a plain error, detail)
 
@@ -83,9 +84,9 @@ def special_tokens(tokenizer) -> list[str]:
     placeholders and the tokens images expand to (a text prompt marks its images so)."""
     if tokenizer is None:
         return []
-    tok = imgs.text_tokenizer(tokenizer)
+    tok = text_tokenizer(tokenizer)
     found = {t for t in getattr(tok, "all_special_tokens", []) if t}
-    if imgs.is_processor(tokenizer):
+    if is_processor(tokenizer):
         image_ids = imgs.image_token_ids(tokenizer)
         found = {t for t in found if tok.convert_tokens_to_ids(t) not in image_ids} - {imgs.placeholder(tokenizer)}
     return sorted(found, key=len, reverse=True)
@@ -95,7 +96,7 @@ class _Checker:
     def __init__(self, ctx: ChunkContext, out: ChunkResult):
         self.ctx, self.out = ctx, out
         self.specials = special_tokens(ctx.tokenizer)
-        self.eos = None if ctx.vision else getattr(imgs.text_tokenizer(ctx.tokenizer), "eos_token", None)
+        self.eos = None if ctx.vision else getattr(text_tokenizer(ctx.tokenizer), "eos_token", None)
         self.placeholder = imgs.placeholder(ctx.tokenizer) if ctx.vision else None
 
     def flag(self, i: int, stage: int, reason: str, detail: str) -> bool:

@@ -25,7 +25,6 @@ from dpo_lightning.data.cache import tokenize_cached, tokenize_source, tokenizer
 from dpo_lightning.data.collate import PreferenceCollator, UnpairedCollator
 from dpo_lightning.data.formats import DataError
 from dpo_lightning.data.from_module import adopt_loss_settings
-from dpo_lightning.data.images import is_processor, text_tokenizer
 from dpo_lightning.data.layouts import PACKED_UNSHARED, PLAIN, PREFIX_SHARED, check_layout
 from dpo_lightning.data.sampler import LengthGroupedSampler, ResumableDataLoader
 from dpo_lightning.data.split import held_out_mask
@@ -33,6 +32,7 @@ from dpo_lightning.data.store import TokenRows
 from dpo_lightning.data.tokenize import TruncationConfig
 from dpo_lightning.data.units import UnitCollator, UnitRows, unit_positions, units_per_batch
 from dpo_lightning.data.validate import NO_KEEP, DataValidator
+from dpo_lightning.models.vision import is_processor, text_tokenizer
 
 __all__ = ["PreferenceDataModule", "tokenize_cached", "tokenizer_fingerprint"]
 
@@ -93,6 +93,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.layout, self.group_by_length = check_layout(layout), group_by_length
         self._tokenizer = self._tokenizer_source = tokenizer
+        self._released = False  # the text tokenizer was dropped after tokenizing (release_tokenizer)
         self._pad_token_id: int | None = None
         self.validator, self.report_path = DataValidator(validation), report_path
         self.max_drop_fraction = max_drop_fraction
@@ -109,6 +110,8 @@ class PreferenceDataModule(L.LightningDataModule):
     @property
     def processor(self):
         """The processor given in place of a tokenizer (vision data), or None."""
+        if self._released:  # only a text tokenizer is released (a processor makes every batch's pixels)
+            return None
         p = self._processing_class()
         return p if is_processor(p) else None
 
@@ -132,9 +135,10 @@ class PreferenceDataModule(L.LightningDataModule):
         object (it could not be reloaded)."""
         from dpo_lightning.models.hf import ModelSpec
 
-        if self.train_rows is not None and isinstance(self._tokenizer_source, (str, Path, ModelSpec)):
+        if self.train_rows is not None and isinstance(self._tokenizer_source, (str, Path, ModelSpec)) and \
+                not is_processor(self._processing_class()):
             self._pad_token_id = self.pad_token_id
-            self._tokenizer = self._tokenizer_source
+            self._tokenizer, self._released = self._tokenizer_source, True
 
     def _tokenize(self, source: str, split: str) -> TokenRows:
         rows, dropped, split_pairs = tokenize_source(source, split, self._processing_class(), self.truncation,

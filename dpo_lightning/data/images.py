@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpo_lightning.models.vision import is_processor
+
 IMAGE_COLUMNS = ("images", "image")
 # keys the image processors return that no model forward takes (they only size the prompt's image tokens)
 NOT_FORWARD = ("rows", "cols", "num_crops", "num_patches", "image_num_patches", "patches_subgrid_size")
@@ -35,16 +37,6 @@ class Unreadable:
     """An image that could not be read; ``detail`` says why (the row checks report it)."""
 
     detail: str
-
-
-def is_processor(obj: Any) -> bool:
-    """A multimodal processor (an image processor beside a tokenizer), not a plain tokenizer."""
-    return obj is not None and hasattr(obj, "image_processor") and hasattr(obj, "tokenizer")
-
-
-def text_tokenizer(obj: Any) -> Any:
-    """The text tokenizer of a processor, or the tokenizer itself."""
-    return obj.tokenizer if is_processor(obj) else obj
 
 
 def has_images(row: Any) -> bool:

@@ -33,11 +33,12 @@ from typing import Any
 
 import torch
 
-from dpo_lightning.data.images import image_token_ids, is_processor, text_tokenizer
+from dpo_lightning.data.images import image_token_ids
 from dpo_lightning.data.layouts import plain_layout
 from dpo_lightning.data.vision_collate import pixel_inputs
 from dpo_lightning.engine.logprobs import sequence_logps
 from dpo_lightning.models.quirks import engine_plan
+from dpo_lightning.models.vision import is_processor, text_tokenizer
 
 Images = list[bytes]  # one prompt's images, encoded (PNG, JPEG, ...), in the order of its image tokens
 
