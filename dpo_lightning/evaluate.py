@@ -43,6 +43,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         print_config_tree(cfg)
     objs = build(cfg, training=False)  # the construction dpo-train uses, without optimizer and scheduler
     model_spec, loss, dm, module = objs["model_spec"], objs["loss"], objs["datamodule"], objs["module"]
+    module.pref_baseline = "reference"  # val/pref_loglik against the reference, not the evaluated model itself
     rows, split = eval_rows(dm, cfg.get("split", "all"))
     generation = generation_callback(cfg, rows, dm)  # generation.num_prompts > 0: sample and score too
     trainer = build_trainer(cfg, logger=False, callbacks=[generation] if generation else [],

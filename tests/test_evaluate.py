@@ -111,3 +111,14 @@ def test_eval_reads_every_row_of_data_path_and_heldout_on_request(tmp_path, expo
     capsys.readouterr()
     _eval(tmp_path, *common, "logger=csv")  # a training command line's logger is accepted, with a note
     assert "logger" in capsys.readouterr().out
+
+
+
+def test_eval_measures_pref_loglik_against_the_reference(tmp_path, export, data):
+    """dpo-eval of an export: val/pref_loglik is log sigmoid(0.1 x the margin against the reference its training
+    started from), the sigmoid loss's own value at beta 0.1; not the evaluated model against itself (log sigmoid(0)
+    for every model)."""
+    m = _eval(tmp_path, "model=hf", f"model.name_or_path={export}", f"data.path={data}", "split=all",
+              "loss=sigmoid", "loss.beta=0.1")["metrics"]
+    assert abs(m["val/rewards/margins"]) > 1e-3, m  # the export moved from its reference
+    assert m["val/pref_loglik"] == pytest.approx(-m["val/loss"], abs=1e-5), m

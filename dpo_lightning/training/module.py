@@ -131,6 +131,9 @@ class PreferenceLitModule(L.LightningModule):
         self.strict_loading = False  # a frozen reference's weights are not checkpointed (Reference.on_save_checkpoint)
         self.loss_state: dict[str, Any] = {}
         self.heldout = HeldOutRecorder()  # per-row held-out values of the last validation (heldout.py)
+        # pi_0 of val/pref_loglik: "initial" = the policy before training (a validation before it, or a reference
+        # that is the initial weights); "reference" = the reference (dpo-eval of an export: its training's start)
+        self.pref_baseline = "initial"
 
     # ---------------------------------------------------------------- forward
     def verify_engine(self) -> None:
@@ -296,7 +299,10 @@ class PreferenceLitModule(L.LightningModule):
             return
         ref = self.reference
         initial = ref.mode in (Mode.COPY, Mode.ADAPTER, Mode.CACHED) and not ref.spec.separate and not ref.moves
-        self.heldout.finish(untrained=not self._policy_trained, reference_is_initial=initial)
+        untrained = not self._policy_trained
+        if self.pref_baseline == "reference":  # dpo-eval: the model evaluated is the trained one, pi_0 the reference
+            untrained, initial = False, True
+        self.heldout.finish(untrained=untrained, reference_is_initial=initial)
         stats = self.heldout.summary().get(OBJECTIVE)
         if stats is not None:  # already gathered from every rank: the same value everywhere
             self.log(OBJECTIVE, stats["mean"], on_step=False, on_epoch=True, sync_dist=False)
