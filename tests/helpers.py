@@ -165,3 +165,13 @@ def shape_image(side: int = 40, colour: str = "red", size: tuple[int, int] | Non
 
 
 VISION_PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the shape ?"}]}]
+
+
+# The vision families the fast tier checks (1-D and multimodal rotary positions, bidirectional image blocks, a
+# prefix-LM, images nested per sample); the full matrix runs in the slow tier (make test, CI).
+FAST_VISION_FAMILIES = ("llava", "qwen2_vl", "gemma3", "paligemma", "idefics3")
+
+
+def vision_family_params(families) -> list:
+    """``families`` as pytest params: those outside ``FAST_VISION_FAMILIES`` marked slow."""
+    return [f if f in FAST_VISION_FAMILIES else pytest.param(f, marks=pytest.mark.slow) for f in families]

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import needs_for_family, requires_vision
+from helpers import needs_for_family, requires_vision, vision_family_params
 from PIL import Image
 
 from dpo_lightning.data.layouts import PACKED, PACKED_UNSHARED, PLAIN, PREFIX_SHARED, image_dim, layout_batch
@@ -82,7 +82,7 @@ def _own_plan(model):
     return EnginePlan(head=None, layouts={PLAIN}, vision=engine_plan(model).vision)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", vision_family_params(FAMILIES))
 def test_every_layout_matches_the_models_own_forward(family):
     model, processor = _family(family)
     prompts, completions, parts = _pairs(processor)
