@@ -30,6 +30,7 @@ if os.environ.get("TRL_SITE_PACKAGES") and os.environ["TRL_SITE_PACKAGES"] not i
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from bench_lib import draw_shape  # noqa: E402  (the benchmark's drawing: one shape on a canvas)
 from trl_parity import REPO  # noqa: E402, F401  (importing it also sets up sys.path)
 
 TOL_LOGPS, TOL_LOSS = 1e-4, 1e-3
@@ -44,8 +45,6 @@ FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefic
 NO_TEXT_ONLY: set[str] = set()  # none so far: every family above takes the mix
 MAX_LENGTH = 4096  # ours: no row comes near it (TRL: max_length=None)
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (235, 220, 40),
-           "purple": (140, 40, 180), "orange": (245, 140, 20), "black": (10, 10, 10), "white": (250, 250, 250)}
 # (canvas width, height, shape, colour, background) per image
 IMAGES = [(64, 64, "circle", "red", "white"), (96, 48, "square", "blue", "white"), (40, 80, "triangle", "green", "black"),
           (128, 128, "circle", "yellow", "blue"), (72, 56, "square", "purple", "white"), (48, 48, "triangle", "orange", "white"),
@@ -54,22 +53,6 @@ IMAGES = [(64, 64, "circle", "red", "white"), (96, 48, "square", "blue", "white"
 
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-8)
-
-
-def draw(w: int, h: int, shape: str, colour: str, background: str):
-    """One PIL image: a filled shape of ``colour`` on a ``background`` canvas of ``w`` x ``h``."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (w, h), COLOURS[background])
-    d = ImageDraw.Draw(img)
-    box = (w // 5, h // 5, w - w // 5, h - h // 5)
-    if shape == "circle":
-        d.ellipse(box, fill=COLOURS[colour])
-    elif shape == "square":
-        d.rectangle(box, fill=COLOURS[colour])
-    else:
-        d.polygon([(w // 2, h // 5), (w - w // 5, h - h // 5), (w // 5, h - h // 5)], fill=COLOURS[colour])
-    return img
 
 
 def _msg(role: str, text: str, images: int = 0) -> list[dict]:
@@ -84,7 +67,7 @@ def make_rows(work: Path, text_only: bool = True) -> list[dict]:
     paths = []
     for k, spec in enumerate(IMAGES):
         path = work / f"image{k}.png"
-        draw(*spec).save(path)
+        draw_shape(*spec).save(path)
         paths.append(path.name)
     other = {"red": "blue", "blue": "red", "green": "purple", "yellow": "black", "purple": "orange",
              "orange": "green", "black": "white", "white": "yellow"}
