@@ -275,7 +275,7 @@ def trl_reference_free(cfg: dict, chosen: list[dict], rejected: list[dict]):
 def ours(loss, seqs: list[dict], batch: dict):
     """PreferenceLitModule.compute_loss on a stub module whose policy returns ``seqs`` (no reference run)."""
     me = SimpleNamespace(policy_logps=lambda b: seq_logps(seqs), reference_logps=lambda b: None, loss_fn=loss,
-                         loss_state={}, verify_engine=lambda: None)  # no model to probe: log-probs are given
+                         loss_state={}, verify_engine=lambda: None, verify_images=lambda batch: None)  # log-probs given
     me._compute = lambda b: PreferenceLitModule._compute(me, b)  # type: ignore[attr-defined]
     out, metrics = PreferenceLitModule.compute_loss(me, batch)
     return out, {k: float(v) for k, v in metrics.items()}
