@@ -190,3 +190,16 @@ def test_a_layout_the_model_does_not_take_runs_as_plain_rows_with_their_images(f
         ref = _logps(model, _batch(PLAIN, prompts, completions, parts, pad), _own_plan(model), full_logits=True)
         got = _logps(model, _batch(layout, prompts, completions, parts, pad), aside)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_the_startup_probe_of_a_vlm_never_draws_an_image_token():
+    """The text probe's random tokens skip a VLM's image / video / marker tokens (one of them in text asks for
+    pixels the probe does not have, and the model's forward fails); the probe then runs on the VLM."""
+    from dpo_lightning.engine.probe import probe_batches, verify
+    from dpo_lightning.models.vision_plan import multimodal_token_ids
+
+    batches = probe_batches(12, None, torch.device("cpu"), exclude=set(range(11)))
+    assert set(batches[PLAIN]["input_ids"].flatten().tolist()) <= {0, 11}  # 0: padding
+    model, _ = _family("gemma3")
+    assert len(multimodal_token_ids(model.config)) >= 3  # image soft token, begin and end of image
+    assert verify(model, label="policy") == []  # the fast path equals the model's own forward on text

@@ -27,6 +27,7 @@ from dpo_lightning.models.quirks import (
     output_head,
     text_config,
 )
+from dpo_lightning.models.vision_plan import multimodal_token_ids
 
 # per-token log-prob tolerance: |fast - own| <= atol + rtol * |own|
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float64: (1e-8, 1e-8)}
@@ -37,15 +38,22 @@ class EngineCheckError(RuntimeError):
     """The model's own forward cannot serve as the reference (non-finite log-probs)."""
 
 
-def probe_batches(vocab_size: int, window: int | None, device: torch.device) -> dict[str, dict]:
-    """The probe's two prompts with two completions each, in every layout (rows longer than a small window)."""
+def probe_batches(vocab_size: int, window: int | None, device: torch.device,
+                  exclude: set[int] | frozenset[int] = frozenset()) -> dict[str, dict]:
+    """The probe's two prompts with two completions each, in every layout (rows longer than a small window), of
+    random text tokens: never one of ``exclude`` (a VLM's image tokens, which would ask for pixels)."""
     from dpo_lightning.data.layouts import layout_batch
 
     g = torch.Generator().manual_seed(1234)
     extra = window + 2 if window is not None and window <= 48 else 0
 
+    def text_token(t: int) -> int:
+        while t in exclude:
+            t = (t + 1) % vocab_size
+        return t
+
     def toks(n):
-        return torch.randint(0, vocab_size, (n,), generator=g).tolist()
+        return [text_token(t) for t in torch.randint(0, vocab_size, (n,), generator=g).tolist()]
 
     prompts = [toks(5 + extra), toks(3)]
     completions = [[toks(4), toks(2 + extra)], [toks(3 + extra), toks(5)]]
@@ -91,7 +99,8 @@ def check(model: torch.nn.Module, plan: EnginePlan | None = None, *, chunk_size:
     windows = [w for w in plan.windows.values() if w is not None]
     vocab = int(getattr(text_config(base), "vocab_size", 0) or getattr(output_head(base), "out_features", 0)
                 or base.get_input_embeddings().num_embeddings)  # type: ignore[operator]  # transformers
-    batches = probe_batches(vocab, min(windows) if windows else None, param.device)
+    batches = probe_batches(vocab, min(windows) if windows else None, param.device,
+                            exclude=multimodal_token_ids(base.config))
     own_plan = EnginePlan(head=None, layouts={PLAIN})
     ref = _token_logps(model, batches[PLAIN], plan=own_plan, full_logits=True)
     if not bool(torch.isfinite(ref).all()):

@@ -61,6 +61,19 @@ def image_token_id(config: Any) -> int | None:
     return None
 
 
+def multimodal_token_ids(config: Any) -> set[int]:
+    """The ids of a VLM's image / video / vision marker tokens (``image_token_id``, ``boi_token_index``, ...) from its
+    config and its text config: tokens that mean "pixels go here", which text alone must not hold."""
+    found: set[int] = set()
+    configs = [config, getattr(config, "text_config", None)]
+    for cfg in configs:
+        for name, value in (vars(cfg).items() if cfg is not None else ()):
+            if isinstance(value, int) and value >= 0 and name.endswith(("_token_id", "_token_index")) and any(
+                    w in name for w in ("image", "video", "vision", "boi", "eoi")):
+                found.add(value)
+    return found
+
+
 def _forward_params(module: torch.nn.Module) -> set[str]:
     try:
         return set(inspect.signature(type(module).forward).parameters)
