@@ -69,7 +69,6 @@ Figures (per run, then ``ratios``):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -83,7 +82,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lib import (  # noqa: E402
     SHAPES,
-    VISION_SHAPE,
     StepProfiler,
     check_same_batches,
     cuda_bf16_peak,
@@ -96,18 +94,14 @@ from bench_lib import (  # noqa: E402
     shared_data,
     summarize,
     timed_batches,
-    vision_records,
 )
+from bench_vision import build_vision_model_dir, cache_dir, prepare_vision_rows, save_once  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 50257  # GPT-2's: every shape's vocabulary, whichever tokenizer feeds it
 
 
 # ------------------------------------------------------------------ preparation (driver)
-def cache_dir() -> Path:
-    return Path(os.environ.get("DPO_LIGHTNING_CACHE", Path.home() / ".cache" / "dpo_lightning"))
-
-
 def build_model_dir(shape_name: str, data: str) -> Path:
     """The benchmark model + the data's tokenizer, saved once with save_pretrained (seeded)."""
     import torch
@@ -124,65 +118,7 @@ def build_model_dir(shape_name: str, data: str) -> Path:
     cfg = LlamaConfig(vocab_size=max(len(tok), VOCAB), max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, **shape)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # a concurrent run saved the same seeded model first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def build_vision_model_dir() -> Path:
-    """``VISION_SHAPE``'s tiny Qwen2-VL (seed 0) and its processor, saved once with save_pretrained."""
-    from dpo_lightning.models import tiny_vlm
-
-    v = VISION_SHAPE
-    digest = hashlib.sha1(json.dumps(v, sort_keys=True).encode()).hexdigest()[:10]
-    name = "bench-vlm-{family}-img{image_size}-".format(**v) + digest
-    target = cache_dir() / "bench" / name
-    if (target / "config.json").exists():
-        return target
-    model, processor = tiny_vlm.build(v["family"], seed=0, image_size=v["image_size"], **v["text"], **v["vision"])
-    model.resize_token_embeddings(v["vocab_size"], mean_resizing=False)  # GPT-2's rows, as the other shapes
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent))
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # a concurrent run saved the same seeded model first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def prepare_vision_rows(model_dir: Path, max_length: int, batch_size: int, n_batches: int, seed: int, order: str,
-                        out: Path) -> dict:
-    """``prepare_rows`` for ``--shape vision``: ``batch_size * n_batches`` generated pairs with images (PNG files
-    beside ``out``), tokenized by dpo_lightning with the model's processor (TRL 1.16's vision rendering)."""
-    from dpo_lightning.data.cache import tokenize_source
-    from dpo_lightning.data.tokenize import TruncationConfig
-    from dpo_lightning.models.hf import ModelSpec, load_tokenizer
-
-    processor = load_tokenizer(ModelSpec(str(model_dir)))
-    records = vision_records(batch_size * n_batches, seed, out.parent / "images")
-    source = out.with_suffix(".jsonl")  # every pair is timed: the subset is the whole list
-    source.write_text("".join(json.dumps(r) + "\n" for r in records))
-    rows, dropped, _ = tokenize_source(str(source), "train", processor, TruncationConfig(max_length), paired=True,
-                                       cache_dir=out.parent / "pool-cache", progress=False)
-    if len(rows) != len(records) or not rows.vision:
-        raise RuntimeError(f"the vision pairs did not all tokenize as vision rows ({len(rows)} of {len(records)}, "
-                           f"dropped {dict(dropped)}): is max_length {max_length} below the image tokens?")
-    rows = sorted(rows, key=lambda r: r["index"])
-    lengths = [len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]
-    ids = [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows]
-    batches = timed_batches(lengths, batch_size, n_batches, seed + 1, order)
-    data = {"records": records, "rows": ids, "batches": batches, "dropped": dict(dropped), "vision": True}
-    out.write_text(json.dumps(data))
-    return data
+    return save_once(target, LlamaForCausalLM(cfg), tok)
 
 
 def prepare_rows(model_dir: Path, data: str, max_length: int, batch_size: int, n_batches: int, seed: int,

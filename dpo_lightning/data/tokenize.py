@@ -120,6 +120,11 @@ def truncate(prompt: list[int], completions: list[list[int]], cfg: TruncationCon
             if len(prompt) >= cfg.max_length:
                 return None, "prompt_fills_max_length"
             completions = [c[: cfg.max_length - len(prompt)] for c in completions]
+    return _kept(prompt, completions)
+
+
+def _kept(prompt: list[int], completions: list[list[int]]):
+    """(prompt, completions) after truncation, or (None, reason) when nothing is left to score."""
     if not prompt:
         return None, "empty_prompt"
     if any(len(c) == 0 for c in completions):
@@ -160,11 +165,7 @@ def _truncate_vision(prompt: list[int], completions: list[list[int]], cfg: Trunc
         elif not keep_end and len(prompt) >= cfg.max_length:
             return None, "prompt_fills_max_length"
         completions = [c[: cfg.max_length - len(prompt)] for c in completions]
-    if not prompt:
-        return None, "empty_prompt"
-    if any(len(c) == 0 for c in completions):
-        return None, "empty_completion"
-    return prompt, completions
+    return _kept(prompt, completions)
 
 
 # ------------------------------------------------------------------ vision rows (TRL's vision collator)
